@@ -1,0 +1,41 @@
+# dicom-node: the two commands of the README.
+#   make run    install everything (system packages included) and start the node with ./config.toml
+#   make test   install everything and run the whole test suite (what .ci/run calls)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= config.toml
+
+# Debian packages: DCMTK (test clients, storescp), Orthanc (a real PACS), dicom3tools (dciodvfy), openssl (TLS tests).
+APT_PACKAGES := dcmtk orthanc dicom3tools openssl
+APT_TOOLS    := storescu Orthanc dciodvfy openssl
+
+.PHONY: run test install system-packages benchmark clean
+
+run: install
+	$(VENV)/bin/dicom-node serve --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest
+
+install: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=""; for tool in $(APT_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages ($$missing missing): $(APT_PACKAGES)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	touch $@
+
+benchmark: install
+	$(PY) -m benchmarks.ingest --repeats 3 --json benchmarks/results/ingest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,275 @@
+"""config.toml into frozen, validated dataclasses.
+
+The file is read once at start-up. Every value is checked where it enters, and a bad one raises
+:class:`ConfigError` naming the key (``peers[1].port``) and the value, so an administrator fixes the file
+instead of discovering the mistake when the first study arrives. Relative paths (the storage folder, TLS
+files, a relative SQLite URL) are resolved against the folder that holds the config file, so the node behaves
+the same whatever directory it is started from.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or holds a bad value."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"config: {key}: {message}")
+
+
+class Permission(str, Enum):
+    """What a peer may ask of the node (and, for ``destination``, what the node may send it)."""
+
+    ECHO = "echo"
+    STORE = "store"
+    FIND = "find"
+    DESTINATION = "destination"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """DICOM TLS (PS3.15 B.1). Mutual TLS when ``ca_file`` is set: peers must present a certificate."""
+
+    certificate: Path
+    private_key: Path
+    ca_file: Path | None = None
+
+    @property
+    def mutual(self) -> bool:
+        return self.ca_file is not None
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    max_pdu: int = 1_048_576
+    max_associations: int = 25
+    network_timeout_s: float = 60.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    log_level: str = "INFO"
+    tls: TLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    path: Path = Path("data")
+    database_url: str = "sqlite:///data/index.sqlite"
+    min_free_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote application entity the administrator trusts, identified by its AE title."""
+
+    ae_title: str
+    host: str = ""
+    port: int = 104
+    allow: frozenset[Permission] = frozenset({Permission.ECHO, Permission.STORE, Permission.FIND})
+
+    def may(self, permission: Permission) -> bool:
+        return permission in self.allow
+
+    def accepts_host(self, address: str) -> bool:
+        """A peer configured without a host may connect from anywhere; otherwise only from that host."""
+        return not self.host or self.host == address
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node: NodeSection = field(default_factory=NodeSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    peers: tuple[Peer, ...] = ()
+    source: Path | None = None
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The configured peer with this AE title (trailing spaces ignored), or None."""
+        wanted = ae_title.strip()
+        return next((p for p in self.peers if p.ae_title == wanted), None)
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> NodeConfig:
+    """Read and validate a config.toml; raise ConfigError naming the first bad key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("<file>", f"{path} does not exist (pass --config PATH)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("<file>", f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("<file>", f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw, base_dir=path.resolve().parent, source=path.resolve())
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
+    """Validate an already-parsed TOML document (split out so tests need no file)."""
+    _reject_unknown(raw, {"node", "storage", "peers"}, "")
+    node = _parse_node(_table(raw, "node"), base_dir)
+    storage = _parse_storage(_table(raw, "storage"), base_dir)
+    peers_raw = raw.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("peers", "must be an array of tables ([[peers]])")
+    peers = tuple(_parse_peer(p, f"peers[{i}]") for i, p in enumerate(peers_raw))
+    seen: set[str] = set()
+    for i, peer in enumerate(peers):
+        if peer.ae_title in seen:
+            raise ConfigError(f"peers[{i}].ae_title", f"{peer.ae_title!r} is listed twice")
+        seen.add(peer.ae_title)
+    return NodeConfig(node=node, storage=storage, peers=peers, source=source)
+
+
+def validate_ae_title(value: Any, key: str) -> str:
+    """An AE title: 1-16 characters of the default repertoire, no backslash or control characters."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ConfigError(key, f"{value!r} must be 1 to 16 characters")
+    if "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
+        raise ConfigError(key, f"{value!r} may hold only printable ASCII characters and no backslash")
+    return title
+
+
+def _parse_node(raw: dict[str, Any], base_dir: Path) -> NodeSection:
+    defaults = NodeSection()
+    _reject_unknown(raw, set(NodeSection.__dataclass_fields__), "node.")
+    level = _get(raw, "node.log_level", str, defaults.log_level).upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("node.log_level", f"{level!r} must be DEBUG, INFO, WARNING or ERROR")
+    max_pdu = _get(raw, "node.max_pdu", int, defaults.max_pdu)
+    if max_pdu != 0 and not 4096 <= max_pdu <= 0xFFFFFFFF:
+        raise ConfigError("node.max_pdu", f"{max_pdu} must be 0 (unlimited) or 4096 to 4294967295 bytes")
+    return NodeSection(
+        ae_title=validate_ae_title(raw.get("ae_title", defaults.ae_title), "node.ae_title"),
+        host=_get(raw, "node.host", str, defaults.host),
+        port=_port(raw.get("port", defaults.port), "node.port", allow_zero=True),
+        max_pdu=max_pdu,
+        max_associations=_positive(raw, "node.max_associations", int, defaults.max_associations),
+        network_timeout_s=_positive(raw, "node.network_timeout_s", float, defaults.network_timeout_s),
+        acse_timeout_s=_positive(raw, "node.acse_timeout_s", float, defaults.acse_timeout_s),
+        dimse_timeout_s=_positive(raw, "node.dimse_timeout_s", float, defaults.dimse_timeout_s),
+        log_level=level,
+        tls=_parse_tls(raw.get("tls"), base_dir),
+    )
+
+
+def _parse_tls(raw: Any, base_dir: Path) -> TLSConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("node.tls", "must be a table ([node.tls])")
+    _reject_unknown(raw, {"certificate", "private_key", "ca_file"}, "node.tls.")
+    for key in ("certificate", "private_key"):
+        if key not in raw:
+            raise ConfigError(f"node.tls.{key}", "is required when [node.tls] is present")
+    paths = {k: _existing_file(raw[k], f"node.tls.{k}", base_dir) for k in raw}
+    return TLSConfig(paths["certificate"], paths["private_key"], paths.get("ca_file"))
+
+
+def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
+    defaults = StorageSection()
+    _reject_unknown(raw, set(StorageSection.__dataclass_fields__), "storage.")
+    path = base_dir / Path(_get(raw, "storage.path", str, str(defaults.path)))
+    url = _get(raw, "storage.database_url", str, defaults.database_url)
+    if "://" not in url:
+        raise ConfigError("storage.database_url", f"{url!r} is not an SQLAlchemy URL (sqlite:///..., postgresql://...)")
+    return StorageSection(
+        path=path,
+        database_url=_resolve_sqlite_url(url, base_dir),
+        min_free_mb=_get(raw, "storage.min_free_mb", int, defaults.min_free_mb, minimum=0),
+    )
+
+
+def _parse_peer(raw: Any, key: str) -> Peer:
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a table")
+    _reject_unknown(raw, {"ae_title", "host", "port", "allow"}, f"{key}.")
+    if "ae_title" not in raw:
+        raise ConfigError(f"{key}.ae_title", "is required")
+    allow_raw = raw.get("allow", [p.value for p in Peer.allow])
+    if not isinstance(allow_raw, list):
+        raise ConfigError(f"{key}.allow", "must be a list such as [\"echo\", \"store\", \"find\"]")
+    allow = set()
+    for item in allow_raw:
+        try:
+            allow.add(Permission(item))
+        except ValueError:
+            choices = ", ".join(p.value for p in Permission)
+            raise ConfigError(f"{key}.allow", f"{item!r} is not one of {choices}") from None
+    return Peer(
+        ae_title=validate_ae_title(raw["ae_title"], f"{key}.ae_title"),
+        host=_get(raw, f"{key}.host", str, ""),
+        port=_port(raw.get("port", 104), f"{key}.port"),
+        allow=frozenset(allow),
+    )
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(name, f"must be a table ([{name}])")
+    return value
+
+
+def _reject_unknown(raw: dict[str, Any], known: set[str], prefix: str) -> None:
+    """A misspelt key must not be silently ignored: it would leave a default the admin meant to change."""
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _get(raw: dict[str, Any], key: str, kind: type, default: Any, minimum: float | None = None) -> Any:
+    value = raw.get(key.rsplit(".", 1)[-1], default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(key, f"must be {kind.__name__}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"{value} must be at least {minimum}")
+    return value
+
+
+def _positive(raw: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = _get(raw, key, kind, default)
+    if value <= 0:
+        raise ConfigError(key, f"{value} must be greater than 0")
+    return value
+
+
+def _port(value: Any, key: str, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65535:
+        raise ConfigError(key, f"{value!r} must be a TCP port ({low} to 65535)")
+    return value
+
+
+def _existing_file(value: Any, key: str, base_dir: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a file path, got {value!r}")
+    path = base_dir / value
+    if not path.is_file():
+        raise ConfigError(key, f"{path} does not exist")
+    return path
+
+
+def _resolve_sqlite_url(url: str, base_dir: Path) -> str:
+    """sqlite:///relative/path is relative to the config file's folder, like storage.path."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url == "sqlite:///:memory:":
+        return url
+    rest = url[len(prefix):]
+    if rest.startswith("/"):
+        return url
+    return prefix + str((base_dir / rest).resolve())

@@ -1,0 +1,64 @@
+"""C-FIND (Study Root) answered from the index: identifier in, matching identifiers out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import status
+from storage.query import QueryError, QueryLevel, find
+
+logger = logging.getLogger(__name__)
+
+_SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet"}
+
+
+def answer_find(sessions: sessionmaker[Session], identifier: Dataset) -> Iterator[tuple[int, Dataset | None]]:
+    """Yield (PENDING, match) per match, then nothing: pynetdicom sends the final SUCCESS itself."""
+    try:
+        level = QueryLevel(str(identifier.get("QueryRetrieveLevel", "")).strip().upper())
+    except ValueError:
+        yield status.DATASET_MISMATCH, None
+        return
+    query = identifier_to_query(identifier)
+    try:
+        with sessions() as session:
+            matches = list(find(session, level, query))
+    except QueryError as exc:
+        logger.warning("C-FIND refused: %s", exc)
+        yield status.CANNOT_UNDERSTAND, None
+        return
+    logger.info("C-FIND at %s level: %d matches", level.value, len(matches))
+    for match in matches:
+        yield status.PENDING, match_to_dataset(level, match)
+
+
+def identifier_to_query(identifier: Dataset) -> dict[str, str]:
+    """The identifier's keys as text; sequences (not matched by this node) become universal keys."""
+    query: dict[str, str] = {}
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in _SKIP:
+            continue
+        value = element.value
+        if isinstance(value, Sequence) or value is None:
+            query[keyword] = ""
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            query[keyword] = "\\".join(str(v) for v in value)
+        else:
+            query[keyword] = str(value)
+    return query
+
+
+def match_to_dataset(level: QueryLevel, match: dict[str, Any]) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = level.value
+    for keyword, value in match.items():
+        setattr(ds, keyword, "" if value is None else value)
+    return ds

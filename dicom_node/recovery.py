@@ -1,0 +1,86 @@
+"""Start-up recovery: make the file store and the index agree again after a crash.
+
+A crash can interrupt a C-STORE at two points. Before the rename, it leaves a temporary file: never
+acknowledged, deleted. Between the rename and the index commit, it leaves a complete, fsync'd file with no
+row: also never acknowledged, but intact, so it is indexed (the sender will resend it; the resend is then a
+duplicate). Only series folders modified around or after the newest indexed arrival can hold such files, so
+recovery looks at those and not at the whole store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.ingest import InvalidInstanceError, read_header, to_record
+from storage.files import FileStore
+from storage.index import IndexWriter
+from storage.models import Instance
+
+logger = logging.getLogger(__name__)
+
+SAFETY_MARGIN = timedelta(minutes=10)
+
+
+def recover(files: FileStore, sessions: sessionmaker[Session], writer: IndexWriter) -> tuple[int, int]:
+    """Delete stale temporaries and index orphaned instance files; returns (deleted, indexed)."""
+    deleted = files.remove_stale_temporaries()
+    with sessions() as session:
+        newest = session.scalar(select(func.max(Instance.received_at)))
+    since = (_as_utc(newest) - SAFETY_MARGIN).timestamp() if newest else 0.0
+    indexed = 0
+    for folder in _series_folders_modified_since(files.root, since):
+        with sessions() as session:
+            known = set(session.scalars(select(Instance.path).where(Instance.path.like(f"{files.relative(folder)}/%"))))
+        for path in folder.glob("*.dcm"):
+            if files.relative(path) not in known and _index_orphan(files, writer, path):
+                indexed += 1
+    if deleted or indexed:
+        logger.warning("recovery: removed %d partial temporary files, indexed %d unindexed instances", deleted, indexed)
+    return deleted, indexed
+
+
+def _series_folders_modified_since(root: Path, since: float) -> list[Path]:
+    folders = []
+    for study in os.scandir(root):
+        if not study.is_dir():
+            continue
+        for series in os.scandir(study.path):
+            if series.is_dir() and series.stat().st_mtime >= since:
+                folders.append(Path(series.path))
+    return folders
+
+
+def _index_orphan(files: FileStore, writer: IndexWriter, path: Path) -> bool:
+    raw = path.read_bytes()
+    try:
+        meta_end = 144 + struct.unpack_from("<I", raw, 140)[0]
+        syntax = _meta_transfer_syntax(raw[:meta_end])
+        header = read_header(raw[:meta_end], raw[meta_end:], syntax)
+        record = to_record(header, syntax, "", datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
+        if files.path_for(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid) != path:
+            raise InvalidInstanceError(0, "file is not where its UIDs say it belongs")
+    except (InvalidInstanceError, struct.error, ValueError) as exc:
+        logger.error("recovery: %s is not a valid instance file (%s); left in place for inspection", path, exc)
+        return False
+    writer.commit(replace(record, path=files.relative(path), size_bytes=len(raw)), None)
+    return True
+
+
+def _meta_transfer_syntax(meta: bytes) -> str:
+    """(0002,0010) from the file meta the node wrote (explicit VR little endian)."""
+    marker = b"\x02\x00\x10\x00UI"
+    at = meta.index(marker)
+    length = struct.unpack_from("<H", meta, at + 6)[0]
+    return meta[at + 8:at + 8 + length].rstrip(b"\x00 ").decode("ascii")
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -1,0 +1,158 @@
+"""Tuning of pynetdicom's transport for bulk C-STORE traffic, found by profiling a 300-instance CT ingest.
+
+Two replacements, both installed by :func:`install`, both behaviour-preserving:
+
+- pynetdicom reads a PDU in 4 KiB ``recv`` calls (about 130 calls and GIL hand-offs for one 512x512 CT
+  instance); :func:`_recv_whole` reads into a buffer of the PDU's full size with ``recv_into``. It still
+  blocks until the requested bytes are read and returns what it has if the peer closes the connection.
+- Every DIMSE command set (implicit VR little endian, group 0000) was encoded through pydicom's
+  ``write_dataset``, twice per response: 16 % of the node's CPU per instance. :func:`encode_command` writes
+  the few VRs a command set uses directly and hands anything else back to pydicom.
+
+- pynetdicom's DUL thread, when idle, sleeps 1 ms before it looks at the socket or at the responses
+  queued for it: up to 1 ms added to every incoming request and to every outgoing response.
+  :class:`_WakeableSleep` makes that idle wait a ``select`` on the socket and on a wake-up pipe that
+  ``send_pdu`` writes to, so the DUL reacts at once to either, with the same 1 ms ceiling when nothing
+  happens (no extra CPU while idle).
+
+Nagle is turned off per connection in the SCP's connection-open handler.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+
+import pynetdicom.dul
+
+import pynetdicom.dimse_messages
+from pydicom.dataset import Dataset
+from pynetdicom import dsutils
+
+from pynetdicom.transport import AssociationSocket
+
+_MAX_CHUNK = 4 * 2**20
+_installed = False
+
+
+def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    sock = self.socket
+    assert sock is not None
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    nr_read = 0
+    while nr_read < nr_bytes:
+        count = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, _MAX_CHUNK))
+        if not count:
+            del view
+            return buffer[:nr_read]
+        nr_read += count
+    return buffer
+
+
+_INT_VRS = {"US": "<H", "UL": "<I"}
+_TEXT_VRS = {"AE", "CS", "LO", "SH"}
+
+
+def encode_command(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> bytes | None:
+    """pynetdicom's ``dsutils.encode`` with a fast path for command sets (implicit VR little endian)."""
+    if not (is_implicit_vr and is_little_endian and not deflated):
+        return dsutils.encode(ds, is_implicit_vr, is_little_endian, deflated)
+    parts = []
+    for element in ds:
+        value = element.value
+        if element.tag >> 16 != 0 or element.VM > 1:
+            return dsutils.encode(ds, is_implicit_vr, is_little_endian, deflated)
+        if value is None or value == "":
+            raw = b""
+        elif element.VR in _INT_VRS:
+            raw = struct.pack(_INT_VRS[element.VR], value)
+        elif element.VR == "UI":
+            raw = str(value).encode("ascii")
+            raw += b"\x00" * (len(raw) % 2)
+        elif element.VR in _TEXT_VRS:
+            raw = str(value).encode("ascii")
+            raw += b" " * (len(raw) % 2)
+        else:
+            return dsutils.encode(ds, is_implicit_vr, is_little_endian, deflated)
+        parts.append(struct.pack("<HHI", 0, element.tag & 0xFFFF, len(raw)) + raw)
+    return b"".join(parts)
+
+
+class _WakeableSleep:
+    """Stands in for the ``time`` module inside pynetdicom.dul; only ``sleep`` differs."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        dul = threading.current_thread()
+        sock = getattr(getattr(dul, "socket", None), "socket", None)
+        if not isinstance(dul, pynetdicom.dul.DULServiceProvider) or sock is None:
+            time.sleep(seconds)
+            return
+        wake_read, _ = _wake_pipe(dul)
+        try:
+            ready, _, _ = select.select([sock, wake_read], [], [], seconds)
+        except (OSError, ValueError):  # the socket was closed under us: let the reactor find out
+            time.sleep(seconds)
+            return
+        if wake_read in ready:
+            os.read(wake_read, 4096)
+
+
+def _wake_pipe(dul: pynetdicom.dul.DULServiceProvider) -> tuple[int, int]:
+    pipe = getattr(dul, "_dicom_node_wake", None)
+    if pipe is None:
+        pipe = os.pipe()
+        os.set_blocking(pipe[0], False)
+        os.set_blocking(pipe[1], False)
+        dul._dicom_node_wake = pipe  # type: ignore[attr-defined]
+    return pipe
+
+
+_original_send_pdu = pynetdicom.dul.DULServiceProvider.send_pdu
+_original_run_reactor = pynetdicom.dul.DULServiceProvider.run_reactor
+
+
+def _send_pdu_and_wake(self: pynetdicom.dul.DULServiceProvider, primitive: object) -> None:
+    _original_send_pdu(self, primitive)
+    pipe = getattr(self, "_dicom_node_wake", None)
+    if pipe is not None:
+        try:
+            os.write(pipe[1], b"!")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe already means "wake up"
+
+
+def _run_reactor_and_close_pipe(self: pynetdicom.dul.DULServiceProvider) -> None:
+    try:
+        _original_run_reactor(self)
+    finally:
+        pipe = getattr(self, "_dicom_node_wake", None)
+        if pipe is not None:
+            self._dicom_node_wake = None  # type: ignore[attr-defined]
+            for fd in pipe:
+                os.close(fd)
+
+
+def install() -> None:
+    """Install both replacements once per process (idempotent)."""
+    global _installed
+    if not _installed:
+        AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
+        pynetdicom.dimse_messages.encode = encode_command  # type: ignore[assignment]
+        pynetdicom.dul.time = _WakeableSleep()  # type: ignore[assignment]
+        pynetdicom.dul.DULServiceProvider.send_pdu = _send_pdu_and_wake  # type: ignore[method-assign]
+        pynetdicom.dul.DULServiceProvider.run_reactor = _run_reactor_and_close_pipe  # type: ignore[method-assign]
+        _installed = True
+
+
+def disable_nagle(sock: socket.socket | None) -> None:
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,1 @@
+"""Slicing, the grounded model and the inference engine."""

@@ -1,0 +1,1 @@
+"""Durable storage: validated UIDs, the atomic file store and the SQLAlchemy index."""

@@ -1,0 +1,122 @@
+"""The file store: the only code that writes instance files.
+
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, every UID validated.
+A write goes to a temporary file in the destination folder, is fsync'd, renamed into place and the folder
+is fsync'd, so after a crash a file is either complete at its final name or absent: a reader never sees a
+partial instance. Folder fsyncs can be deferred to :meth:`FileStore.sync_dirs` so that a group of writes
+shares one (group commit).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from storage.uids import validate_uid
+
+TEMP_PREFIX = ".incoming-"
+
+
+class StorageFullError(OSError):
+    """Free space fell below the configured watermark; the node refuses new instances."""
+
+
+class FileStore:
+    """Atomic, fsync'd instance files under one root folder."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Final path of an instance; raises InvalidUIDError for a UID that is not one."""
+        study = validate_uid(study_uid, "StudyInstanceUID")
+        series = validate_uid(series_uid, "SeriesInstanceUID")
+        sop = validate_uid(sop_uid, "SOPInstanceUID")
+        return self.root / study / series / f"{sop}.dcm"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    def check_free_space(self) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free_bytes:
+            raise StorageFullError(
+                f"only {free // 2**20} MiB free under {self.root}, below the {self.min_free_bytes // 2**20} MiB watermark"
+            )
+
+    def write(self, path: Path, chunks: list[bytes], sync_dir: bool = True) -> Path:
+        """Write ``chunks`` to ``path`` atomically and durably; returns the folder still to fsync, if deferred.
+
+        The temporary file lives in the destination folder so the rename never crosses file systems.
+        """
+        folder = path.parent
+        self._make_dirs(folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            _unlink_quietly(Path(tmp_name))
+            raise
+        if sync_dir:
+            fsync_dir(folder)
+        return folder
+
+    def sync_dirs(self, folders: set[Path]) -> None:
+        for folder in folders:
+            fsync_dir(folder)
+
+    def remove(self, path: Path) -> None:
+        _unlink_quietly(path)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a crash mid-write; they were never acknowledged."""
+        count = 0
+        for tmp in self.root.glob(f"*/*/{TEMP_PREFIX}*"):
+            _unlink_quietly(tmp)
+            count += 1
+        return count
+
+    def bytes_used(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob("*/*/*.dcm"))
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create missing folders and fsync each new entry's parent, so the folder itself survives a crash."""
+        if folder.is_dir():
+            return
+        missing = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for new in reversed(missing):
+            try:
+                new.mkdir()
+            except FileExistsError:
+                continue
+            fsync_dir(new.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,82 @@
+"""The index: what the node holds, one row per patient, study, series and instance.
+
+The DICOM files are the record; these rows make them findable (C-FIND, status, completion detection)
+without opening a file. Column names follow the DICOM keywords they come from.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(32), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(String(64), default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+
+    series: Mapped[Series] = relationship(back_populates="instances")

@@ -1,0 +1,79 @@
+"""Shared fixtures: a node on a free loopback port, real DICOM files, and the DCMTK clients."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
+
+from dicom_node.config import NodeConfig, load_config
+from dicom_node.scp import Node
+from storage.models import Instance, Series, Study
+from tests.localpeers import free_port, write_node_config
+
+DCMTK_TOOLS = ("echoscu", "storescu", "findscu")
+
+# Peers every test node trusts; "ECHOONLY" may only verify, "ELSEWHERE" may only connect from 127.0.0.2.
+TEST_PEERS = [
+    {"ae_title": "STORESCU", "host": "127.0.0.1", "allow": ["echo", "store", "find"]},
+    {"ae_title": "FINDSCU", "host": "127.0.0.1", "allow": ["echo", "find"]},
+    {"ae_title": "ECHOSCU", "allow": ["echo"]},
+    {"ae_title": "ECHOONLY", "allow": ["echo"]},
+    {"ae_title": "ELSEWHERE", "host": "127.0.0.2", "allow": ["echo", "store", "find"]},
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dcmtk() -> None:
+    """The tests drive the node with real DCMTK clients; `make test` installs them (apt-get install dcmtk)."""
+    missing = [tool for tool in DCMTK_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"DCMTK tools missing: {', '.join(missing)} (run `make test`, which installs dcmtk)")
+
+
+@dataclass
+class RunningNode:
+    node: Node
+    config: NodeConfig
+    port: int
+    folder: Path
+
+    def instances(self) -> list[Instance]:
+        """Every indexed instance, with its series, study and patient loaded."""
+        with self.node.sessions() as session:
+            stmt = select(Instance).options(joinedload(Instance.series).joinedload(Series.study).joinedload(Study.patient))
+            return list(session.scalars(stmt))
+
+    def stored_files(self) -> set[Path]:
+        return set(self.config.storage.path.glob("*/*/*.dcm"))
+
+    def stray_files(self) -> list[Path]:
+        """Anything in the store that is not an indexed, complete instance file."""
+        indexed = {self.config.storage.path / i.path for i in self.instances()}
+        everything = {p for p in self.config.storage.path.rglob("*") if p.is_file() and not p.name.startswith("index.sqlite")}
+        return sorted(everything - indexed)
+
+
+@pytest.fixture
+def running_node(tmp_path: Path) -> Iterator[RunningNode]:
+    port = free_port()
+    config = load_config(write_node_config(tmp_path, port, TEST_PEERS))
+    node = Node(config)
+    node.start()
+    try:
+        yield RunningNode(node, config, port, tmp_path)
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def ct_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A small synthetic CT series (20 slices of 512x512) written with pydicom."""
+    from benchmarks.ct_series import write_ct_series
+
+    return write_ct_series(tmp_path_factory.mktemp("ct"), slices=20, seed=1)

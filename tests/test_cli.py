@@ -1,0 +1,55 @@
+"""The `dicom-node` command as an administrator uses it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dicom_node.cli import main
+from tests.conftest import TEST_PEERS
+from tests.localpeers import write_node_config
+from tests.dcmtk import storescu_verbose
+
+
+def test_config_check_prints_the_settings(tmp_path, capsys):
+    config = write_node_config(tmp_path, 11112, TEST_PEERS)
+    assert main(["config", "check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "DICOM_NODE on 127.0.0.1:11112" in out and "peer       ECHOONLY at any host:104 may echo" in out
+
+
+def test_config_check_names_the_bad_key(tmp_path, capsys):
+    config = write_node_config(tmp_path, 11112, [{"ae_title": "PACS", "port": 99999}])
+    assert main(["config", "check", "--config", str(config)]) == 2
+    assert "config: peers[0].port: 99999 must be a TCP port" in capsys.readouterr().err
+
+
+def test_status_counts_what_was_stored(running_node, ct_series, capsys):
+    assert len(storescu_verbose(running_node.port, ct_series[:5]).succeeded()) == 5
+    assert main(["status", "--config", str(running_node.config.source)]) == 0
+    out = capsys.readouterr().out
+    assert "patients   1" in out and "studies    1" in out and "series     1" in out and "instances  5" in out
+    assert "2.5 MiB" in out
+
+
+def test_echo_reaches_a_configured_peer(running_node, tmp_path, capsys):
+    """The node echoes itself: a peer entry pointing at the running node's port."""
+    config = write_node_config(tmp_path / "client", 11112, [{"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": running_node.port}],
+                               ae_title="ECHOSCU")
+    assert main(["echo", "DICOM_NODE", "--config", str(config)]) == 0
+    assert "status 0x0000" in capsys.readouterr().out
+    assert main(["echo", "NOBODY", "--config", str(config)]) == 2
+
+
+def test_echo_to_a_peer_that_is_down(tmp_path, capsys):
+    from tests.localpeers import free_port
+
+    config = write_node_config(tmp_path, 11112, [{"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}])
+    assert main(["echo", "PACS", "--config", str(config)]) == 1
+    assert "C-ECHO failed: PACS at 127.0.0.1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["echo"], ["status"], ["config", "check"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: dicom-node" in result.stdout and "--config" in result.stdout

@@ -1,0 +1,74 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, Permission, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_loads_with_documented_names():
+    config = load_config(REPO / "config.toml")
+    assert config.node.ae_title == "DICOM_NODE"
+    assert config.node.port == 11112
+    assert config.storage.path == REPO / "data"
+    assert config.storage.database_url == f"sqlite:///{REPO / 'data' / 'index.sqlite'}"
+    pacs = config.peer("PACS")
+    assert pacs is not None and pacs.host == "127.0.0.1" and pacs.port == 4242
+    assert pacs.may(Permission.DESTINATION)
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    (tmp_path / "config.toml").write_text('[storage]\npath = "store"\ndatabase_url = "sqlite:///db/x.sqlite"\n')
+    config = load_config(tmp_path / "config.toml")
+    assert config.storage.path == tmp_path / "store"
+    assert config.storage.database_url == f"sqlite:///{tmp_path / 'db' / 'x.sqlite'}"
+
+
+def test_postgresql_url_is_kept_as_given(tmp_path):
+    url = "postgresql+psycopg://node:secret@db.example/dicomnode"
+    config = parse_config({"storage": {"database_url": url}}, base_dir=tmp_path)
+    assert config.storage.database_url == url
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"node": {"port": 70000}}, "node.port"),
+        ({"node": {"port": "11112"}}, "node.port"),
+        ({"node": {"ae_title": "A" * 17}}, "node.ae_title"),
+        ({"node": {"ae_title": "BAD\\AE"}}, "node.ae_title"),
+        ({"node": {"max_pdu": 100}}, "node.max_pdu"),
+        ({"node": {"max_associations": 0}}, "node.max_associations"),
+        ({"node": {"log_level": "chatty"}}, "node.log_level"),
+        ({"node": {"prot": 104}}, "node.prot"),
+        ({"storage": {"database_url": "index.sqlite"}}, "storage.database_url"),
+        ({"storage": {"min_free_mb": -1}}, "storage.min_free_mb"),
+        ({"peers": [{"host": "pacs"}]}, "peers[0].ae_title"),
+        ({"peers": [{"ae_title": "PACS", "allow": ["store", "delete"]}]}, "peers[0].allow"),
+        ({"peers": [{"ae_title": "PACS"}, {"ae_title": "PACS"}]}, "peers[1].ae_title"),
+        ({"peers": [{"ae_title": "PACS", "port": 0}]}, "peers[0].port"),
+        ({"node": {"tls": {"certificate": "missing.crt", "private_key": "missing.key"}}}, "node.tls.certificate"),
+        ({"node": {"tls": {"certificate": "x.crt"}}}, "node.tls.private_key"),
+    ],
+)
+def test_bad_values_name_their_key(tmp_path, raw, key):
+    with pytest.raises(ConfigError, match="^config: " + re.escape(key) + ": "):
+        parse_config(raw, base_dir=tmp_path)
+
+
+def test_missing_and_malformed_files_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[node\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_peer_host_restriction():
+    config = parse_config({"peers": [{"ae_title": "A", "host": "10.0.0.5"}, {"ae_title": "B"}]}, base_dir=Path("."))
+    assert config.peer("A ").accepts_host("10.0.0.5")
+    assert not config.peer("A").accepts_host("10.0.0.6")
+    assert config.peer("B").accepts_host("192.0.2.1")
+    assert config.peer("C") is None

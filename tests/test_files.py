@@ -1,0 +1,52 @@
+import os
+
+import pytest
+
+from storage.files import TEMP_PREFIX, FileStore, StorageFullError
+from storage.uids import InvalidUIDError
+
+
+def test_write_is_atomic_and_leaves_no_temporary(tmp_path):
+    store = FileStore(tmp_path)
+    path = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    store.write(path, [b"abc", b"def"])
+    assert path.read_bytes() == b"abcdef"
+    assert path == tmp_path / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.5.dcm"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    store = FileStore(tmp_path)
+    path = store.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
+
+    def chunks():
+        yield b"partial"
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        store.write(path, chunks())  # type: ignore[arg-type]
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []
+
+
+def test_path_refuses_what_is_not_a_uid(tmp_path):
+    store = FileStore(tmp_path)
+    with pytest.raises(InvalidUIDError, match="StudyInstanceUID"):
+        store.path_for("../../etc", "1.2", "1.2.3")
+
+
+def test_stale_temporaries_are_removed_at_start(tmp_path):
+    store = FileStore(tmp_path)
+    folder = tmp_path / "1.2" / "1.2.3"
+    folder.mkdir(parents=True)
+    (folder / f"{TEMP_PREFIX}abc.tmp").write_bytes(b"half an instance")
+    (folder / "1.2.3.4.dcm").write_bytes(b"kept")
+    assert store.remove_stale_temporaries() == 1
+    assert [p.name for p in folder.iterdir()] == ["1.2.3.4.dcm"]
+
+
+def test_watermark_refuses_when_disk_is_short(tmp_path):
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    with pytest.raises(StorageFullError, match="watermark"):
+        FileStore(tmp_path, min_free_bytes=free + 2**40).check_free_space()
+    FileStore(tmp_path, min_free_bytes=0).check_free_space()

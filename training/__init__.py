@@ -1,0 +1,1 @@
+"""Training and evaluation on the same slicing pipeline as inference."""
