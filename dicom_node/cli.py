@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="run the node (C-ECHO, C-STORE, C-FIND) until stopped")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     serve.set_defaults(func=_serve)
 
     echo = commands.add_parser("echo", parents=[common], help="send a C-ECHO to a configured peer")
@@ -70,7 +71,11 @@ def _configure_logging(level: str) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def _serve(config: NodeConfig, _args: argparse.Namespace) -> int:
+def _serve(config: NodeConfig, args: argparse.Namespace) -> int:
+    if config.node.worker_count > 1 and not args.worker:
+        from dicom_node.supervisor import run_supervisor
+
+        return run_supervisor(config, args.config, args.verbose)
     from dicom_node.scp import Node
 
     node = Node(config)
@@ -78,7 +83,7 @@ def _serve(config: NodeConfig, _args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     try:
-        node.start()
+        node.start(worker=args.worker)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc)
         node.stop()
@@ -126,8 +131,8 @@ def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
 def _config_check(config: NodeConfig, _args: argparse.Namespace) -> int:
     node = config.node
     print(f"{config.source}: OK")
-    print(f"node       {node.ae_title} on {node.host}:{node.port}, max PDU {node.max_pdu}, "
-          f"{node.max_associations} associations, TLS {'mutual' if node.tls and node.tls.mutual else 'on' if node.tls else 'off'}")
+    print(f"node       {node.ae_title} on {node.host}:{node.port}, max PDU {node.max_pdu}, {node.worker_count} workers, "
+          f"{node.max_associations} associations each, TLS {'mutual' if node.tls and node.tls.mutual else 'on' if node.tls else 'off'}")
     print(f"storage    {config.storage.path}")
     print(f"database   {_hide_password(config.storage.database_url)}")
     for peer in config.peers:

@@ -9,6 +9,7 @@ the same whatever directory it is started from.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from enum import Enum
@@ -50,16 +51,23 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class NodeSection:
+    """[node]. ``workers`` = 0 means one receiving process per CPU core."""
+
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
     port: int = 11112
     max_pdu: int = 1_048_576
     max_associations: int = 25
+    workers: int = 0
     network_timeout_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     log_level: str = "INFO"
     tls: TLSConfig | None = None
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,7 @@ def _parse_node(raw: dict[str, Any], base_dir: Path) -> NodeSection:
         port=_port(raw.get("port", defaults.port), "node.port", allow_zero=True),
         max_pdu=max_pdu,
         max_associations=_positive(raw, "node.max_associations", int, defaults.max_associations),
+        workers=_get(raw, "node.workers", int, defaults.workers, minimum=0),
         network_timeout_s=_positive(raw, "node.network_timeout_s", float, defaults.network_timeout_s),
         acse_timeout_s=_positive(raw, "node.acse_timeout_s", float, defaults.acse_timeout_s),
         dimse_timeout_s=_positive(raw, "node.dimse_timeout_s", float, defaults.dimse_timeout_s),

@@ -6,7 +6,9 @@ Handlers only validate, delegate and answer with a status; each association runs
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 from collections.abc import Iterator
 
 from pydicom.dataset import Dataset
@@ -29,6 +31,14 @@ logger = logging.getLogger(__name__)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """Lets the node's worker processes listen on one port (SO_REUSEPORT); the kernel spreads associations."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Node:
     """The running node: storage, index writer and the pynetdicom server."""
 
@@ -37,22 +47,30 @@ class Node:
         self.engine = make_engine(config.storage.database_url)
         self.sessions = make_sessionmaker(self.engine)
         self.files = FileStore(config.storage.path, config.storage.min_free_mb * 2**20)
-        self.writer = IndexWriter(self.engine, self.files)
+        self.writer_engine = make_engine(config.storage.database_url, writer=True)
+        self.writer = IndexWriter(self.writer_engine, self.files)
         self.receiver = InstanceReceiver(self.files, self.sessions, self.writer)
         transport.install()
         self.ae = self._make_ae()
         self.server: ThreadedAssociationServer | None = None
 
-    def start(self) -> tuple[str, int]:
-        """Start listening in the background; returns the bound (host, port)."""
-        recover(self.files, self.sessions, self.writer)
+    def start(self, worker: bool = False) -> tuple[str, int]:
+        """Start listening in the background; returns the bound (host, port).
+
+        A ``worker`` shares the port with its sibling processes and leaves recovery to the supervisor,
+        which ran it before starting them.
+        """
+        if not worker:
+            recover(self.files, self.sessions, self.writer)
         node = self.config.node
-        self.server = self.ae.start_server(
+        self.server = self.ae.make_server(
             (node.host, node.port),
-            block=False,
             evt_handlers=self._handlers(),
             ssl_context=_server_ssl_context(node.tls) if node.tls else None,
+            server_class=SharedPortServer if worker else ThreadedAssociationServer,
         )
+        self.ae._servers.append(self.server)  # as AE.start_server does: the server's shutdown() expects it
+        threading.Thread(target=self.server.serve_forever, name="dicom-acceptor", daemon=True).start()
         host, port = self.server.server_address[:2]
         logger.info("%s listening on %s:%d%s", node.ae_title, host, port, " (TLS)" if node.tls else "")
         return host, port
@@ -62,6 +80,7 @@ class Node:
             self.server.shutdown()
             self.server = None
         self.writer.close()
+        self.writer_engine.dispose()
         self.engine.dispose()
 
     def _make_ae(self) -> AE:

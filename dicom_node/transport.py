@@ -15,6 +15,10 @@ Two replacements, both installed by :func:`install`, both behaviour-preserving:
   ``send_pdu`` writes to, so the DUL reacts at once to either, with the same 1 ms ceiling when nothing
   happens (no extra CPU while idle).
 
+- The association thread likewise sleeps 1 ms between looks at its DIMSE message queue;
+  :class:`_QueueWaitSleep` waits on that queue's condition instead, so a request is handled as soon as
+  its last fragment is decoded (same 1 ms ceiling when idle).
+
 Nagle is turned off per connection in the SCP's connection-open handler.
 """
 
@@ -27,6 +31,7 @@ import struct
 import threading
 import time
 
+import pynetdicom.association
 import pynetdicom.dul
 
 import pynetdicom.dimse_messages
@@ -106,6 +111,25 @@ class _WakeableSleep:
             os.read(wake_read, 4096)
 
 
+class _QueueWaitSleep:
+    """Stands in for the ``time`` module inside pynetdicom.association; only ``sleep`` differs."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        assoc = threading.current_thread()
+        dimse = getattr(assoc, "dimse", None)
+        messages = getattr(dimse, "msg_queue", None)
+        if not isinstance(assoc, pynetdicom.association.Association) or messages is None:
+            time.sleep(seconds)
+            return
+        with messages.not_empty:
+            if not messages.queue:  # the deque itself: qsize() would take the lock we hold
+                messages.not_empty.wait(seconds)
+
+
 def _wake_pipe(dul: pynetdicom.dul.DULServiceProvider) -> tuple[int, int]:
     pipe = getattr(dul, "_dicom_node_wake", None)
     if pipe is None:
@@ -148,6 +172,7 @@ def install() -> None:
         AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
         pynetdicom.dimse_messages.encode = encode_command  # type: ignore[assignment]
         pynetdicom.dul.time = _WakeableSleep()  # type: ignore[assignment]
+        pynetdicom.association.time = _QueueWaitSleep()  # type: ignore[assignment]
         pynetdicom.dul.DULServiceProvider.send_pdu = _send_pdu_and_wake  # type: ignore[method-assign]
         pynetdicom.dul.DULServiceProvider.run_reactor = _run_reactor_and_close_pipe  # type: ignore[method-assign]
         _installed = True

@@ -11,12 +11,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.models import Base
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, writer: bool = False) -> Engine:
     """Create the engine and the schema.
 
     SQLite gets WAL (readers never block the writer), ``synchronous=FULL`` (a commit is on disk before it
     returns: the node acknowledges a C-STORE only after its row is committed) and a busy timeout so that the
-    CLI can read while the node writes.
+    CLI can read while the node writes. A ``writer`` engine starts every transaction with BEGIN IMMEDIATE:
+    with several worker processes, a transaction that read first and then wanted to write could otherwise
+    fail at once (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
     """
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -26,12 +28,19 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, **kwargs)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+        if writer:
+            event.listen(engine, "connect", _no_implicit_begin)
+            event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
     Base.metadata.create_all(engine)
     return engine
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _no_implicit_begin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" event issues BEGIN IMMEDIATE instead
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
