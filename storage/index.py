@@ -1,17 +1,10 @@
-"""Writing to the index, with group commit.
-
-One writer thread owns every write. Association threads hand it an :class:`InstanceRecord` and wait; the
-writer takes everything queued, fsyncs the folders those files were renamed into, commits all rows in one
-transaction and wakes each waiter. Concurrent associations therefore share folder fsyncs and commits, no
-success is sent before its commit, and SQLite never sees two writers.
-"""
+"""Writing to the index, with group commit (see :class:`IndexWriter`): no C-STORE success is sent before
+its row is committed, and concurrent associations share the folder fsyncs and the commits."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -20,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.files import FileStore
@@ -77,70 +71,74 @@ class StoredInstance:
     path: str
 
 
+@dataclass
+class _Pending:
+    record: InstanceRecord
+    folder: Path | None
+    done: bool = False
+    result: AddResult | None = None
+    error: Exception | None = None
+
+
 class IndexWriter:
-    """The single writer of instance rows; see the module docstring for the group commit."""
+    """The process's one writer of instance rows: leader-based group commit.
+
+    A caller queues its record and takes the commit lock. Whoever holds it (the leader) fsyncs the folders
+    of everything queued, commits all those rows in one transaction and marks them done; a caller that gets
+    the lock and finds its record done returns at once. Concurrent associations share fsyncs and commits,
+    and a lone association commits on its own thread, with no hand-off to another.
+    """
 
     def __init__(self, engine: Engine, files: FileStore) -> None:
         self._engine = engine
         self._files = files
         self._inserter = InstanceInserter()
-        self._queue: queue.Queue[tuple[InstanceRecord, Path | None, Future[AddResult]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
-        self._thread.start()
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
 
-    def commit(self, record: InstanceRecord, folder_to_sync: Path | None, timeout: float = 60.0) -> AddResult:
+    def commit(self, record: InstanceRecord, folder_to_sync: Path | None) -> AddResult:
         """Make the instance durable in the index (after fsyncing ``folder_to_sync``)."""
-        future: Future[AddResult] = Future()
-        self._queue.put((record, folder_to_sync, future))
-        return future.result(timeout=timeout)
+        item = _Pending(record, folder_to_sync)
+        with self._queue_lock:
+            self._queue.append(item)
+        with self._commit_lock:
+            if not item.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                self._commit_batch(batch)
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Nothing to stop: commits run on the callers' threads."""
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._commit_batch(batch)
-            if stop:
-                return
-
-    def _commit_batch(self, batch: list[tuple[InstanceRecord, Path | None, Future[AddResult]]]) -> None:
+    def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            self._files.sync_dirs({folder for _, folder, _ in batch if folder is not None})
+            self._files.sync_dirs({item.folder for item in batch if item.folder is not None})
             with self._engine.begin() as connection:
-                results = [self._inserter.add(connection, record) for record, _, _ in batch]
+                results = [self._inserter.add(connection, item.record) for item in batch]
                 latest: dict[str, datetime] = {}
-                for (record, _, _), result in zip(batch, results):
+                for item, result in zip(batch, results):
                     if result is AddResult.NEW:
-                        latest[record.series_instance_uid] = record.received_at
+                        latest[item.record.series_instance_uid] = item.record.received_at
                 for series_uid, received_at in latest.items():
                     self._inserter.touch_series(connection, series_uid, received_at)
         except Exception:
             self._inserter.forget()  # a rolled-back series insert must not stay cached
             if len(batch) == 1:
-                logger.exception("index commit failed for SOP Instance %s", batch[0][0].sop_instance_uid)
-                batch[0][2].set_exception(IndexWriteError(batch[0][0].sop_instance_uid))
+                logger.exception("index commit failed for SOP Instance %s", batch[0].record.sop_instance_uid)
+                batch[0].error = IndexWriteError(batch[0].record.sop_instance_uid)
+                batch[0].done = True
                 return
             # One bad row must not fail its neighbours: retry them one by one.
             for item in batch:
                 self._commit_batch([item])
             return
-        for (_, _, future), result in zip(batch, results):
-            future.set_result(result)
+        for item, result in zip(batch, results):
+            item.result, item.done = result, True
 
 
 class IndexWriteError(RuntimeError):
@@ -173,14 +171,18 @@ class InstanceInserter:
         self._series_keys.clear()
 
     def add(self, connection: Connection, record: InstanceRecord) -> AddResult:
-        """Insert the instance and its patient, study and series rows where missing."""
-        existing = connection.execute(_SELECT_INSTANCE_PATH, {"uid": record.sop_instance_uid}).scalar()
-        if existing is not None:
-            return AddResult.DUPLICATE if existing == record.path else AddResult.CONFLICT
+        """Insert the instance and its patient, study and series rows where missing.
+
+        One INSERT ... ON CONFLICT DO NOTHING instead of a look-up and an insert: the look-up runs only
+        when the SOP Instance UID turns out to be there already.
+        """
         fields = dict(vars(record))  # shallow: dataclasses.asdict deep-copies every value
         series_key = self._series_key(connection, record, fields)
-        connection.execute(insert(Instance), [{"series_fk": series_key, **_pick(fields, Instance)}])
-        return AddResult.NEW
+        row = {"series_fk": series_key, **_pick(fields, Instance)}
+        if connection.execute(_insert_if_new(connection), row).rowcount == 1:
+            return AddResult.NEW
+        existing = connection.execute(_SELECT_INSTANCE_PATH, {"uid": record.sop_instance_uid}).scalar()
+        return AddResult.DUPLICATE if existing == record.path else AddResult.CONFLICT
 
     def touch_series(self, connection: Connection, series_uid: str, received_at: datetime) -> None:
         """Record the latest arrival in a series (what completion detection waits on)."""
@@ -199,6 +201,19 @@ class InstanceInserter:
             key = connection.execute(insert(Series).values(**values)).inserted_primary_key[0]
         self._series_keys[uid] = key
         return key
+
+
+_INSERT_IF_NEW = {
+    name: dialect.insert(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+
+
+def _insert_if_new(connection: Connection) -> Any:
+    try:
+        return _INSERT_IF_NEW[connection.dialect.name]
+    except KeyError:
+        raise NotImplementedError(f"index database {connection.dialect.name!r}: use SQLite or PostgreSQL") from None
 
 
 def _get_or_insert(connection: Connection, query: Any, value: str, model: type, values: dict[str, Any]) -> int:
