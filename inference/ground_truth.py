@@ -1,0 +1,104 @@
+"""Ground truth from DICOM-SEG, placed on the slices of a :class:`Volume`.
+
+Any writer's SEG (highdicom, dcmqi, a viewer's corrected SEG sent back to the node), BINARY or FRACTIONAL
+(a fractional value of at least half the maximum counts as inside). Each frame lands on a slice by the
+source instance (and frame) it references; a frame that references only the frame of reference lands by
+its Image Position (Patient), which must fall on a slice plane and on the slice's own pixel grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from inference.frames import SlicingError
+from inference.slicing import SliceRef, Volume
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+IN_PLANE_TOLERANCE_MM = 0.5
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a SEG on the volume's grid: ``mask`` is (z, y, x) bool."""
+
+    number: int
+    label: str
+    property_type: str  # the code meaning of SegmentedPropertyTypeCodeSequence, e.g. "Liver"
+    mask: np.ndarray
+
+
+def read_segmentation(source: Path | Dataset, volume: Volume) -> list[Segment]:
+    """Every segment of the SEG, placed on ``volume``; raises SlicingError when it cannot be placed."""
+    ds = dcmread(source) if isinstance(source, Path) else source
+    if str(ds.get("SOPClassUID")) != SEGMENTATION_STORAGE:
+        raise SlicingError(f"{ds.get('SOPInstanceUID')}: not a Segmentation (SOP class {ds.get('SOPClassUID')})")
+    if (ds.Rows, ds.Columns) != volume.voxels.shape[1:]:
+        raise SlicingError(f"SEG frames are {ds.Rows}x{ds.Columns}, the series' slices {volume.voxels.shape[1:]}: not resampled")
+    frames = _frames(ds)
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    by_source = {ref: k for k, ref in enumerate(volume.sources)}
+    by_instance = {ref.sop_instance_uid: k for k, ref in enumerate(volume.sources) if ref.frame_number is None}
+    segments = {int(item.SegmentNumber): item for item in ds.SegmentSequence}
+    masks = {number: np.zeros(volume.voxels.shape, dtype=bool) for number in segments}
+    same_frame = str(ds.get("FrameOfReferenceUID", "")) == volume.frame_of_reference_uid
+    for index, per_frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        number = int(_group(per_frame, shared, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        k = _slice_by_reference(per_frame, shared, by_source, by_instance)
+        if k is None:
+            if not same_frame:
+                raise SlicingError("SEG frame references no instance of this series and another frame of reference")
+            k = _slice_by_position(per_frame, shared, volume)
+        masks[number][k] |= frames[index]
+    return [
+        Segment(number, str(item.get("SegmentLabel", f"Segment {number}")), _type_meaning(item), masks[number])
+        for number, item in sorted(segments.items())
+    ]
+
+
+def _frames(ds: Dataset) -> np.ndarray:
+    pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    if ds.SegmentationType == "FRACTIONAL":
+        return pixels >= (int(ds.MaximumFractionalValue) + 1) // 2
+    return pixels.astype(bool)
+
+
+def _group(per_frame: Dataset, shared: Dataset, name: str) -> Dataset:
+    for groups in (per_frame, shared):
+        if name in groups and len(groups[name].value):
+            return groups[name].value[0]
+    raise SlicingError(f"SEG frame has no {name}")
+
+
+def _slice_by_reference(per_frame: Dataset, shared: Dataset, by_source: dict[SliceRef, int],
+                        by_instance: dict[str, int]) -> int | None:
+    for groups in (per_frame, shared):
+        for derivation in groups.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                uid = str(source.ReferencedSOPInstanceUID)
+                frames = source.get("ReferencedFrameNumber")
+                frame = int(frames[0] if isinstance(frames, list) or type(frames).__name__ == "MultiValue" else frames) if frames else None
+                k = by_source.get(SliceRef(uid, frame)) if frame else by_instance.get(uid)
+                if k is not None:
+                    return k
+    return None
+
+
+def _slice_by_position(per_frame: Dataset, shared: Dataset, volume: Volume) -> int:
+    position = np.asarray(_group(per_frame, shared, "PlanePositionSequence").ImagePositionPatient, dtype=np.float64)
+    k = volume.slice_index_at(position)
+    if k is None:
+        raise SlicingError(f"SEG frame at {position.tolist()} lies on no slice of the series")
+    offset = position - volume.slice_origin(k)
+    if np.linalg.norm(offset) > IN_PLANE_TOLERANCE_MM:
+        raise SlicingError(f"SEG frame at {position.tolist()} is offset {np.linalg.norm(offset):.2f} mm in-plane from slice {k}")
+    return k
+
+
+def _type_meaning(item: Dataset) -> str:
+    codes = item.get("SegmentedPropertyTypeCodeSequence")
+    return str(codes[0].CodeMeaning) if codes else ""

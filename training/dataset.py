@@ -1,0 +1,53 @@
+"""Training samples from DICOM series with ground-truth DICOM-SEG, through the inference slicing pipeline.
+
+Training never reads pixels its own way: a series goes through ``inference.slicing.load_series`` and
+``inference.preprocess.prepare`` exactly as at inference, and the SEG's masks are placed on that volume by
+``inference.ground_truth`` and carried onto the model grid by the same transform. What the model learns is
+what it later sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inference.ground_truth import read_segmentation
+from inference.preprocess import Normalization, prepare
+from inference.slicing import load_series
+
+NO_FINDINGS = "No findings."
+
+
+@dataclass(frozen=True)
+class SliceSample:
+    """One model-grid slice and its target: ``masks`` is (n_findings, size, size) bool, one per [SEG]."""
+
+    image: np.ndarray  # (size, size) float32 in [0, 1]
+    masks: np.ndarray
+    labels: tuple[str, ...]  # finding label per mask, e.g. ("Liver tumor",)
+    series_instance_uid: str
+    slice_index: int
+
+    @property
+    def answer(self) -> str:
+        """The UniBiomed-style target answer: "It is [SEG]. Liver tumor." or "No findings."."""
+        if not self.labels:
+            return NO_FINDINGS
+        return " ".join(f"It is [SEG]. {label}." for label in self.labels)
+
+
+def series_samples(series: list[Path], segmentation: Path, size: int = 256,
+                   normalization: Normalization = Normalization()) -> list[SliceSample]:
+    """Every slice of the series with the SEG's segments on it (slices without any: "No findings.")."""
+    volume = load_series(series)
+    model_input = prepare(volume, size=size, normalization=normalization)
+    segments = read_segmentation(segmentation, volume)
+    samples = []
+    for k in range(len(volume.sources)):
+        present = [s for s in segments if s.mask[k].any()]
+        masks = model_input.transform.mask_to_model(np.stack([s.mask[k] for s in present])) if present else np.zeros((0, size, size), bool)
+        samples.append(SliceSample(model_input.images[k], masks, tuple(s.property_type or s.label for s in present),
+                                   volume.series_instance_uid, k))
+    return samples
