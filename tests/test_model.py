@@ -1,0 +1,111 @@
+"""The built-in grounded model: vocabulary, weights, checkpoints, and the whole chain learnt on a toy case."""
+
+import numpy as np
+import pytest
+import torch
+
+from inference.model.builtin import BuiltinModel
+from inference.model.card import ModelCard
+from inference.model.litemedsam import LITEMEDSAM_SHA256, WeightsError, litemedsam_weights_path, verify_sha256
+from inference.model.protocol import normalize_finding, parse_findings, recognition_question, segmentation_question
+from inference.model.vocabulary import build_tokenizer, decode, encode
+from training.loss import grounded_loss
+
+TINY = {"hidden_size": 64, "layers": 2, "heads": 2, "max_new_tokens": 24}
+QUESTION = recognition_question("CT")
+
+
+def tiny_card(**changes) -> ModelCard:
+    return ModelCard(name="tiny", version="0.0.1-test", architecture=TINY, modalities=("CT", "MR"), **changes)
+
+
+def test_questions_follow_unibiomed():
+    assert QUESTION == "Can you identify any abnormality within this CT image? Please respond with segmentation masks."
+    assert segmentation_question("the liver", "MR") == "Please segment the liver in the MRI image."
+
+
+def test_answers_parse_into_one_finding_per_seg():
+    assert parse_findings("It is [SEG]. Liver tumor.") == ["Liver tumor"]
+    assert parse_findings("It is [SEG]. liver  TUMOR . It is [SEG]. Kidney tumor.") == ["Liver tumor", "Kidney tumor"]
+    assert parse_findings("No findings.") == [] and parse_findings("It is [SEG].") == [""]
+    assert normalize_finding(" Lung-nodule ") == "Lung nodule"
+
+
+def test_closed_vocabulary_round_trips_answers_and_marks_unknown_words():
+    tokenizer = build_tokenizer()
+    for text in ("It is [SEG]. Liver tumor.", "No findings.", "It is [SEG]. Brain tumor. It is [SEG]. Lung nodule."):
+        assert decode(tokenizer, encode(tokenizer, text)) == text
+    assert "[UNK]" in decode(tokenizer, encode(tokenizer, "Please segment the pancreas"))
+    assert build_tokenizer().get_vocab() == tokenizer.get_vocab()  # deterministic
+
+
+def test_litemedsam_weights_are_verified(tmp_path):
+    verify_sha256(litemedsam_weights_path(), LITEMEDSAM_SHA256)
+    impostor = tmp_path / "lite_medsam.pth"
+    original = litemedsam_weights_path().read_bytes()
+    impostor.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # one bit pattern changed
+    with pytest.raises(WeightsError, match="SHA-256"):
+        verify_sha256(impostor, LITEMEDSAM_SHA256)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model taught two slices: one with two findings, one with none (about 40 s on 2 CPU cores)."""
+    torch.manual_seed(0)
+    model = BuiltinModel.new(tiny_card())
+    images = np.zeros((2, 256, 256), np.float32)
+    images[0, 30:70, 30:70] = 1.0
+    images[0, 180:220, 160:230] = 0.8
+    images[1] += 0.3
+    targets = [torch.zeros(2, 256, 256), torch.zeros(0, 256, 256)]
+    targets[0][0, 30:70, 30:70] = 1
+    targets[0][1, 180:220, 160:230] = 1
+    answers = ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
+    embeddings = model.encode(images)
+    network = model.network
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in network.named_parameters() if p.requires_grad and not n.startswith("mask_decoder")], "lr": 5e-3},
+        {"params": network.mask_decoder.parameters(), "lr": 5e-4},
+    ])
+    network.train()
+    for _ in range(100):
+        parts = grounded_loss(network, embeddings, QUESTION, answers, targets)
+        optimizer.zero_grad()
+        parts.total.backward()
+        optimizer.step()
+    network.eval()
+    return model, images, embeddings, [t.bool().numpy() for t in targets], parts
+
+
+def test_loss_has_the_three_terms_and_falls(trained):
+    *_, parts = trained
+    assert parts.text < 0.5 and parts.bce < 0.1 and parts.dice < 0.2
+
+
+def test_seg_hidden_state_prompts_one_mask_per_seg(trained):
+    model, images, _, targets, _ = trained
+    results = model.interpret(images, QUESTION, samples=3, seed=1)
+    assert [r.answer.text for r in results] == ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
+    assert results[0].answer.findings == ["Lung nodule", "Kidney tumor"]
+    for result, target in zip(results, targets):
+        assert result.answer.masks.shape == target.shape
+        for predicted, expected in zip(result.answer.masks, target):
+            assert (predicted & expected).sum() / (predicted | expected).sum() > 0.8
+        assert result.answer.scores.shape == (len(target),)
+    assert len(results[0].samples) == 3 and results[1].samples == ()
+
+
+def test_checkpoint_round_trip_and_tamper_check(trained, tmp_path):
+    model, images, _, _, _ = trained
+    card = model.save(tmp_path / "ckpt")
+    assert card.weights_sha256 and (tmp_path / "ckpt" / "model.safetensors").stat().st_size < 25 * 2**20
+    loaded = BuiltinModel.load(tmp_path / "ckpt")
+    assert loaded.card == card and loaded.scope.covers("MR") and not loaded.scope.covers("US")
+    original, again = model.interpret(images, QUESTION), loaded.interpret(images, QUESTION)
+    for a, b in zip(original, again):
+        assert a.answer.text == b.answer.text and np.array_equal(a.answer.masks, b.answer.masks)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
+    with pytest.raises(WeightsError, match="SHA-256"):
+        BuiltinModel.load(tmp_path / "ckpt")

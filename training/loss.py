@@ -1,0 +1,56 @@
+"""UniBiomed's loss: L = L_text + 2 * BCE + 0.5 * Dice, with teacher forcing.
+
+The answer is fed after the image tokens and the question; the text loss is the cross-entropy of the answer
+tokens (and EOS). Each [SEG] in the answer yields its hidden state at the position where [SEG] is fed
+(as at generation), which prompts the mask decoder; its mask is compared with the target mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inference.model.grounded import GroundedSegmenter
+from inference.model.vocabulary import EOS, PAD, SEG, encode
+
+TEXT_WEIGHT, BCE_WEIGHT, DICE_WEIGHT = 1.0, 2.0, 0.5
+
+
+@dataclass(frozen=True)
+class LossParts:
+    total: torch.Tensor
+    text: float
+    bce: float
+    dice: float
+
+
+def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question: str, answers: list[str],
+                  masks: list[torch.Tensor]) -> LossParts:
+    """``embeddings`` (n, 256, 64, 64); ``answers`` n texts; ``masks`` n tensors (n_seg_i, 256, 256) in {0, 1}."""
+    prefix = network.prompt_embeddings(embeddings, question)  # (n, p, hidden)
+    answer_ids = [encode(network.tokenizer, a) + [network.token_id(EOS)] for a in answers]
+    length = max(len(ids) for ids in answer_ids)
+    pad = network.token_id(PAD)
+    ids = torch.tensor([a + [pad] * (length - len(a)) for a in answer_ids], device=embeddings.device)
+    valid = torch.tensor([[1] * len(a) + [0] * (length - len(a)) for a in answer_ids], device=embeddings.device)
+    inputs = torch.cat([prefix, network.language_model.get_input_embeddings()(ids)], dim=1)
+    attention = torch.cat([torch.ones(prefix.shape[:2], dtype=valid.dtype, device=valid.device), valid], dim=1)
+    out = network.language_model(inputs_embeds=inputs, attention_mask=attention, output_hidden_states=True)
+    p = prefix.shape[1]
+    # Position p - 1 + j predicts answer token j.
+    logits = out.logits[:, p - 1:p - 1 + length].float()
+    text = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.masked_fill(valid == 0, -100).reshape(-1), ignore_index=-100)
+    seg_positions = (ids == network.token_id(SEG)) & (valid == 1)
+    if not seg_positions.any():
+        return LossParts(TEXT_WEIGHT * text, float(text.detach()), 0.0, 0.0)
+    hidden = out.hidden_states[-1][:, p:p + length][seg_positions].float()  # (m, hidden), in sample order
+    owners = torch.nonzero(seg_positions)[:, 0]
+    predicted, _ = network.decode_masks(embeddings[owners], hidden)
+    target = torch.cat([m for m in masks if len(m)]).float().to(predicted.device)
+    bce = F.binary_cross_entropy_with_logits(predicted, target)
+    probabilities = torch.sigmoid(predicted)
+    dice = 1 - (2 * (probabilities * target).sum((1, 2)) + 1) / (probabilities.sum((1, 2)) + target.sum((1, 2)) + 1)
+    total = TEXT_WEIGHT * text + BCE_WEIGHT * bce + DICE_WEIGHT * dice.mean()
+    return LossParts(total, float(text.detach()), float(bce.detach()), float(dice.mean().detach()))
