@@ -9,14 +9,8 @@ from inference.model.card import ModelCard
 from inference.model.litemedsam import LITEMEDSAM_SHA256, WeightsError, litemedsam_weights_path, verify_sha256
 from inference.model.protocol import normalize_finding, parse_findings, recognition_question, segmentation_question
 from inference.model.vocabulary import build_tokenizer, decode, encode
-from training.loss import grounded_loss
 
-TINY = {"hidden_size": 64, "layers": 2, "heads": 2, "max_new_tokens": 24}
-QUESTION = recognition_question("CT")
-
-
-def tiny_card(**changes) -> ModelCard:
-    return ModelCard(name="tiny", version="0.0.1-test", architecture=TINY, modalities=("CT", "MR"), **changes)
+from tests.conftest import QUESTION
 
 
 def test_questions_follow_unibiomed():
@@ -46,35 +40,6 @@ def test_litemedsam_weights_are_verified(tmp_path):
     impostor.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # one bit pattern changed
     with pytest.raises(WeightsError, match="SHA-256"):
         verify_sha256(impostor, LITEMEDSAM_SHA256)
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """A tiny model taught two slices: one with two findings, one with none (about 40 s on 2 CPU cores)."""
-    torch.manual_seed(0)
-    model = BuiltinModel.new(tiny_card())
-    images = np.zeros((2, 256, 256), np.float32)
-    images[0, 30:70, 30:70] = 1.0
-    images[0, 180:220, 160:230] = 0.8
-    images[1] += 0.3
-    targets = [torch.zeros(2, 256, 256), torch.zeros(0, 256, 256)]
-    targets[0][0, 30:70, 30:70] = 1
-    targets[0][1, 180:220, 160:230] = 1
-    answers = ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
-    embeddings = model.encode(images)
-    network = model.network
-    optimizer = torch.optim.AdamW([
-        {"params": [p for n, p in network.named_parameters() if p.requires_grad and not n.startswith("mask_decoder")], "lr": 5e-3},
-        {"params": network.mask_decoder.parameters(), "lr": 5e-4},
-    ])
-    network.train()
-    for _ in range(100):
-        parts = grounded_loss(network, embeddings, QUESTION, answers, targets)
-        optimizer.zero_grad()
-        parts.total.backward()
-        optimizer.step()
-    network.eval()
-    return model, images, embeddings, [t.bool().numpy() for t in targets], parts
 
 
 def test_loss_has_the_three_terms_and_falls(trained):

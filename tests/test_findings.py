@@ -1,0 +1,92 @@
+"""Reliability from sampled answers, and 3D lesions measured in the volume's real geometry."""
+
+import math
+
+import numpy as np
+import pytest
+
+from inference.findings import SliceFinding, aggregate, largest_diameter_mm
+from inference.model.card import ReliabilityPolicy
+from inference.model.protocol import Answer
+from inference.reliability import Reliability, level, semantic_entropy
+from inference.slicing import SliceRef, Volume
+
+
+def answer(text: str, mask: np.ndarray | None = None) -> Answer:
+    masks = np.zeros((0, 8, 8), bool) if mask is None else mask[None]
+    return Answer(text, masks, np.ones(len(masks), np.float32))
+
+
+def square(r0, c0, size=4):
+    m = np.zeros((8, 8), bool)
+    m[r0:r0 + size, c0:c0 + size] = True
+    return m
+
+
+def test_agreeing_samples_with_identical_masks_have_zero_entropy():
+    samples = [answer("It is [SEG]. Liver tumor.", square(0, 0))] * 5
+    assert semantic_entropy(samples) == pytest.approx(0.0)
+    assert level(semantic_entropy(samples), ReliabilityPolicy()) is Reliability.HIGH
+
+
+def test_between_group_term_is_the_entropy_of_meanings():
+    samples = [answer("It is [SEG]. Liver tumor.", square(0, 0))] * 2 + [answer("It is [SEG]. liver tumor .", square(0, 0))] * 2 \
+        + [answer("No findings.")] * 4
+    assert semantic_entropy(samples) == pytest.approx(math.log(2))  # two meanings, half each; case does not split them
+    assert level(semantic_entropy(samples), ReliabilityPolicy()) is Reliability.MEDIUM
+
+
+def test_within_group_term_counts_mask_disagreement():
+    samples = [answer("It is [SEG]. Liver tumor.", square(0, 0)), answer("It is [SEG]. Liver tumor.", square(4, 4))]
+    assert semantic_entropy(samples) == pytest.approx(1.0)  # same meaning, masks that do not overlap at all
+    assert level(1.0, ReliabilityPolicy()) is Reliability.LOW
+    assert level(float("nan"), ReliabilityPolicy()) is Reliability.UNKNOWN
+
+
+def volume(shape=(10, 40, 40), spacing=(0.5, 0.5, 2.0), positions=None) -> Volume:
+    positions = np.arange(shape[0]) * spacing[2] if positions is None else np.asarray(positions, float)
+    return Volume(np.zeros(shape, np.float32), np.zeros(3), spacing, np.eye(3), positions, "1.2.3", "CT", "1.2.3.4",
+                  [SliceRef(f"1.2.3.4.{k}") for k in range(shape[0])])
+
+
+def disc(shape, centre, radius_px):
+    rows, columns = np.mgrid[:shape[0], :shape[1]]
+    return (rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 <= radius_px ** 2
+
+
+def test_slices_join_into_one_lesion_with_real_measurements():
+    v = volume()
+    findings = [SliceFinding(k, "Liver tumor", disc((40, 40), (20, 20), 8), 0.9, Reliability.HIGH, text="t") for k in (3, 4, 5)]
+    findings[1] = SliceFinding(4, "Liver tumor", disc((40, 40), (20, 20), 10), 0.7, Reliability.MEDIUM)
+    [lesion] = aggregate(v, findings)
+    pixels = sum(f.mask.sum() for f in findings)
+    assert lesion.volume_ml == pytest.approx(pixels * 0.25 * 2.0 / 1000)
+    assert lesion.largest_axial_diameter_mm == pytest.approx(21 * 0.5, abs=0.5)  # 21-pixel disc at 0.5 mm
+    assert lesion.slice_range == (3, 5) and [s.sop_instance_uid for s in lesion.sources] == ["1.2.3.4.3", "1.2.3.4.4", "1.2.3.4.5"]
+    assert lesion.reliability is Reliability.MEDIUM  # the worst of its slices
+    assert lesion.mean_score == pytest.approx((0.9 + 0.7 + 0.9) / 3)
+
+
+def test_separate_blobs_and_labels_make_separate_lesions_and_small_ones_are_dropped():
+    v = volume()
+    findings = [
+        SliceFinding(2, "Liver tumor", disc((40, 40), (10, 10), 5), 0.9, Reliability.HIGH),
+        SliceFinding(7, "Liver tumor", disc((40, 40), (10, 10), 5), 0.9, Reliability.HIGH),  # not adjacent: another lesion
+        SliceFinding(2, "Kidney tumor", disc((40, 40), (30, 30), 5), 0.9, Reliability.HIGH),
+        SliceFinding(5, "Liver tumor", disc((40, 40), (30, 5), 0), 0.9, Reliability.HIGH),  # one pixel: 0.0005 mL
+    ]
+    lesions = aggregate(v, findings, min_volume_ml=0.01)
+    assert sorted(l.label for l in lesions) == ["Kidney tumor", "Liver tumor", "Liver tumor"]
+
+
+def test_uneven_spacing_is_measured_from_true_positions():
+    v = volume(shape=(3, 20, 20), positions=[0.0, 2.0, 6.0])  # a missing slice between 1 and 2
+    mask = np.ones((20, 20), bool)
+    [lesion] = aggregate(v, [SliceFinding(k, "Lesion", mask, 1.0, Reliability.HIGH) for k in range(3)])
+    assert lesion.volume_ml == pytest.approx(sum(400 * 0.25 * t for t in [(2 + 2) / 2, (2 + 4) / 2, (4 + 2) / 2]) / 1000)
+
+
+def test_diameter_uses_anisotropic_spacing():
+    mask = np.zeros((10, 10), bool)
+    mask[2, 1:9] = True  # 8 pixels along x
+    assert largest_diameter_mm(mask, (0.5, 2.0)) == pytest.approx(7 * 0.5 + 0.5)
