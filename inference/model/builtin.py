@@ -34,23 +34,29 @@ class BuiltinModel:
                  bf16: bool = True) -> None:
         self.device = device or pick_device()
         self.network = network.to(self.device).eval()
+        self.bf16 = bf16
+        # The frozen encoder runs in bf16 weights, channels-last (oneDNN): 0.70 s/slice on 2 cores here,
+        # against 0.86 (bf16 autocast, channels-last), 1.15 (autocast) and 2.4 (fp32).
+        self.network.image_encoder.to(memory_format=torch.channels_last)
+        if bf16:
+            self.network.image_encoder.to(torch.bfloat16)
         self.card = card
         self.input_size = card.input_size
         self.scope = ModelScope(card.modalities, card.body_parts)
         self.version = card.version
         self.normalization = card.normalization
         self.reliability = card.reliability
-        self.bf16 = bf16
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
 
     @classmethod
-    def new(cls, card: ModelCard, pretrained_sam: bool = True, device: torch.device | None = None) -> BuiltinModel:
+    def new(cls, card: ModelCard, pretrained_sam: bool = True, device: torch.device | None = None,
+            bf16: bool = True) -> BuiltinModel:
         """A model with LiteMedSAM's pretrained encoder and decoder and freshly initialised heads."""
         config = GroundedConfig(**card.architecture)
-        return cls(GroundedSegmenter(config, load_litemedsam(pretrained_sam)), card, device)
+        return cls(GroundedSegmenter(config, load_litemedsam(pretrained_sam)), card, device, bf16)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | None = None) -> BuiltinModel:
+    def load(cls, folder: Path, device: torch.device | None = None, bf16: bool = True) -> BuiltinModel:
         """Load a checkpoint folder; the weights must match the SHA-256 in its card."""
         card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
         if not card_path.is_file() or not weights_path.is_file():
@@ -58,7 +64,7 @@ class BuiltinModel:
         card = ModelCard.from_json(card_path.read_text())
         if card.weights_sha256 and sha256_of(weights_path) != card.weights_sha256:
             raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
-        model = cls.new(card, device=device)
+        model = cls.new(card, device=device, bf16=bf16)
         missing, unexpected = model.network.load_state_dict(load_file(weights_path), strict=False)
         missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES) and k != TIED_OUTPUT]
         if missing or unexpected:
@@ -75,11 +81,12 @@ class BuiltinModel:
         return self.card
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        """(n, size, size) -> image embeddings, under bf16 autocast on CPUs that support it."""
+        """(n, size, size) -> (n, 256, 64, 64) float32 image embeddings (computed in bf16 by default)."""
         start = time.perf_counter()
         batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            embeddings = self.network.encode_images(batch).float()
+        if self.bf16:
+            batch = batch.to(torch.bfloat16)
+        embeddings = self.network.encode_images(batch).float().contiguous()
         self.timings["encoder"] += time.perf_counter() - start
         return embeddings
 

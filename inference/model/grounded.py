@@ -81,7 +81,8 @@ class GroundedSegmenter(nn.Module):
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 256, 256) in [0, 1] -> (n, 256, 64, 64). Grey slices go in as three equal channels."""
-        return self.image_encoder(images[:, None].expand(-1, 3, -1, -1))
+        rgb = images[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+        return self.image_encoder(rgb)
 
     def image_token_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         side = self.config.image_tokens_side
