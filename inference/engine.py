@@ -18,7 +18,7 @@ import numpy as np
 
 from inference.findings import Lesion, SliceFinding, aggregate
 from inference.model.protocol import GroundedModel, Interpretation, recognition_question
-from inference.preprocess import prepare
+from inference.preprocess import SlicePreparer, SliceTransform
 from inference.reliability import level, semantic_entropy
 from inference.slicing import Volume
 
@@ -64,16 +64,16 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
         return SeriesResult(Assessment.NOT_ASSESSED, reason, [], model.version)
     question = config.question or recognition_question(volume.modality)
     started = time.perf_counter()
-    model_input = prepare(volume, size=model.input_size, normalization=model.normalization)
+    preparer = SlicePreparer(volume, size=model.input_size, normalization=model.normalization)
     prepared = time.perf_counter()
-    selected = np.flatnonzero(model_input.body_fraction >= config.min_body_fraction)
+    selected = np.flatnonzero(preparer.body_fraction >= config.min_body_fraction)
     findings: list[SliceFinding] = []
     for start in range(0, len(selected), config.batch_size):
         batch = selected[start:start + config.batch_size]
-        interpretations = model.interpret(model_input.images[batch], question, samples=model.reliability.samples,
+        interpretations = model.interpret(preparer.images(batch), question, samples=model.reliability.samples,
                                           temperature=model.reliability.temperature, seed=config.seed + start)
         for k, interpretation in zip(batch.tolist(), interpretations):
-            findings.extend(_slice_findings(k, interpretation, model_input.transform, model, config))
+            findings.extend(_slice_findings(k, interpretation, preparer.transform, model, config))
     interpreted = time.perf_counter()
     lesions = aggregate(volume, findings, config.min_volume_ml)
     done = time.perf_counter()
@@ -85,7 +85,7 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
     )
 
 
-def _slice_findings(k: int, interpretation: Interpretation, transform, model: GroundedModel,
+def _slice_findings(k: int, interpretation: Interpretation, transform: SliceTransform, model: GroundedModel,
                     config: EngineConfig) -> list[SliceFinding]:
     answer = interpretation.answer
     if not len(answer.masks):

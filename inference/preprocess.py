@@ -126,19 +126,32 @@ class ModelInput:
     body_fraction: np.ndarray  # per slice, the share of pixels above the body threshold (0 = empty slice)
 
 
+class SlicePreparer:
+    """Model input for any slices of a volume, on demand: the engine asks for one batch at a time, so no
+    more than a batch of model-ready slices exists at once. Intensity range and transform are fixed for
+    the whole volume (an MR's percentiles come from all its slices)."""
+
+    def __init__(self, volume: Volume, size: int = 256, normalization: Normalization = Normalization()) -> None:
+        self.volume = volume
+        self.low, self.high = normalization.intensity_range(volume)
+        self.transform = SliceTransform.fit(volume.voxels.shape[1:], (volume.spacing[1], volume.spacing[0]), size)
+        sample = Normalization.apply_range(volume.voxels[:, ::4, ::4], self.low, self.high)
+        self.body_fraction = (sample > 0.05).mean(axis=(1, 2)).astype(np.float32)
+
+    def images(self, indices: np.ndarray | slice) -> np.ndarray:
+        """(n, size, size) float32 in [0, 1] for the slices at ``indices``."""
+        return self.transform.image_to_model(Normalization.apply_range(self.volume.voxels[indices], self.low, self.high))
+
+
 def prepare(volume: Volume, size: int = 256, normalization: Normalization = Normalization(),
             chunk: int = 32) -> ModelInput:
-    """Normalise and resize every slice of ``volume`` for a model with ``size`` x ``size`` input.
+    """Every slice of ``volume`` for a model with ``size`` x ``size`` input (training builds its samples so).
 
     Works through ``chunk`` slices at a time so that no full-volume float temporary is ever made.
     """
-    low, high = normalization.intensity_range(volume)
-    transform = SliceTransform.fit(volume.voxels.shape[1:], (volume.spacing[1], volume.spacing[0]), size)
+    preparer = SlicePreparer(volume, size, normalization)
     n = volume.voxels.shape[0]
     images = np.empty((n, size, size), dtype=np.float32)
-    body = np.empty(n, dtype=np.float32)
     for start in range(0, n, chunk):
-        normalized = normalization.apply_range(volume.voxels[start:start + chunk], low, high)
-        images[start:start + chunk] = transform.image_to_model(normalized)
-        body[start:start + chunk] = (normalized[:, ::4, ::4] > 0.05).mean(axis=(1, 2))
-    return ModelInput(images=images, transform=transform, body_fraction=body)
+        images[start:start + chunk] = preparer.images(slice(start, start + chunk))
+    return ModelInput(images=images, transform=preparer.transform, body_fraction=preparer.body_fraction)
