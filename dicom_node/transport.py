@@ -88,11 +88,15 @@ def encode_command(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, de
     return b"".join(parts)
 
 
-class _WakeableSleep:
-    """Stands in for the ``time`` module inside pynetdicom.dul; only ``sleep`` differs."""
+class _TimeModule:
+    """Stands in for the ``time`` module inside one pynetdicom module; subclasses replace only ``sleep``."""
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
+
+
+class _WakeableSleep(_TimeModule):
+    """pynetdicom.dul's idle wait: wake on socket data or on a queued outgoing PDU."""
 
     @staticmethod
     def sleep(seconds: float) -> None:
@@ -111,11 +115,8 @@ class _WakeableSleep:
             os.read(wake_read, 4096)
 
 
-class _QueueWaitSleep:
-    """Stands in for the ``time`` module inside pynetdicom.association; only ``sleep`` differs."""
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
+class _QueueWaitSleep(_TimeModule):
+    """pynetdicom.association's idle wait: wake when a DIMSE message is queued."""
 
     @staticmethod
     def sleep(seconds: float) -> None:
