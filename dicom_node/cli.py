@@ -32,14 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="path of config.toml (default: %(default)s)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    # Sub-commands take the same options with SUPPRESS defaults, so that "--config X serve" and
+    # "serve --config X" both work and neither overwrites the other. (Separate parser objects: argparse
+    # shares Action objects between a parent and its children, and so their defaults.)
     parser = argparse.ArgumentParser(
         prog="dicom-node",
         description="A DICOM node that receives CT and MR series from a PACS, interprets them and sends results back.",
-        parents=[common],
+        parents=[_options(DEFAULT_CONFIG_PATH, False)],
     )
+    common = _options(argparse.SUPPRESS, argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", parents=[common], help="validate the config file and print the settings in force")
     check.set_defaults(func=_config_check)
     return parser
+
+
+def _options(config_default: object, verbose_default: object) -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", type=Path, default=config_default, help=f"path of config.toml (default: {DEFAULT_CONFIG_PATH})")
+    options.add_argument("-v", "--verbose", action="store_true", default=verbose_default, help="log at DEBUG level")
+    return options
 
 
 def _configure_logging(level: str) -> None:

@@ -10,6 +10,7 @@ the same whatever directory it is started from.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from enum import Enum
@@ -90,8 +91,12 @@ class Peer:
         return permission in self.allow
 
     def accepts_host(self, address: str) -> bool:
-        """A peer configured without a host may connect from anywhere; otherwise only from that host."""
-        return not self.host or self.host == address
+        """A peer configured without a host may connect from anywhere; otherwise only from that host (an
+        address, or a name resolved when checked; IPv4-mapped IPv6 addresses compare as IPv4)."""
+        if not self.host:
+            return True
+        address = address.removeprefix("::ffff:")
+        return address == self.host or address in _resolve(self.host)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,13 @@ class NodeConfig:
         """The configured peer with this AE title (trailing spaces ignored), or None."""
         wanted = ae_title.strip()
         return next((p for p in self.peers if p.ae_title == wanted), None)
+
+
+def _resolve(host: str) -> frozenset[str]:
+    try:
+        return frozenset(info[4][0] for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return frozenset()
 
 
 def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> NodeConfig:

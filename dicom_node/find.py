@@ -8,6 +8,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
@@ -32,6 +33,10 @@ def answer_find(sessions: sessionmaker[Session], identifier: Dataset) -> Iterato
     except QueryError as exc:
         logger.warning("C-FIND refused: %s", exc)
         yield status.CANNOT_UNDERSTAND, None
+        return
+    except SQLAlchemyError as exc:
+        logger.error("C-FIND failed: %s", type(exc).__name__)
+        yield status.OUT_OF_RESOURCES, None
         return
     logger.info("C-FIND at %s level: %d matches", level.value, len(matches))
     for match in matches:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
@@ -51,8 +52,8 @@ class InstanceReceiver:
         except StorageFullError as exc:
             logger.error("refused instance %s: %s", _safe(request.sop_instance_uid), exc)
             return status.OUT_OF_RESOURCES
-        except (OSError, IndexWriteError):
-            logger.exception("could not store instance %s", _safe(request.sop_instance_uid))
+        except (OSError, IndexWriteError, SQLAlchemyError) as exc:
+            logger.error("could not store instance %s: %s", _safe(request.sop_instance_uid), type(exc).__name__)
             return status.OUT_OF_RESOURCES
 
     def _already_indexed(self, sop_uid: str) -> bool:
@@ -82,7 +83,8 @@ class InstanceReceiver:
         try:
             outcome = self.writer.commit(record, folder)
         except BaseException:
-            self.files.remove(path)
+            if not self._already_indexed(sop_uid):  # the same instance may have been stored by another association
+                self.files.remove(path)
             raise
         if outcome is AddResult.CONFLICT:
             self.files.remove(path)

@@ -150,7 +150,7 @@ class Node:
             return
         for answer in answer_find(self.sessions, event.identifier):
             if event.is_cancelled:
-                yield 0xFE00, None
+                yield status.CANCEL, None
                 return
             yield answer
 

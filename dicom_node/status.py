@@ -2,6 +2,7 @@
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
+CANCEL = 0xFE00  # C-FIND: matching terminated due to cancel request
 NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized (the calling AE may not use this service)
 OUT_OF_RESOURCES = 0xA700  # storage full or an internal failure: the sender should retry later
 DATASET_MISMATCH = 0xA900  # C-STORE: data set does not match SOP class; C-FIND: identifier mismatch

@@ -1,6 +1,6 @@
 """Tuning of pynetdicom's transport for bulk C-STORE traffic, found by profiling a 300-instance CT ingest.
 
-Two replacements, both installed by :func:`install`, both behaviour-preserving:
+Four behaviour-preserving replacements, all installed by :func:`install`:
 
 - pynetdicom reads a PDU in 4 KiB ``recv`` calls (about 130 calls and GIL hand-offs for one 512x512 CT
   instance); :func:`_recv_whole` reads into a buffer of the PDU's full size with ``recv_into``. It still
@@ -145,25 +145,30 @@ _original_send_pdu = pynetdicom.dul.DULServiceProvider.send_pdu
 _original_run_reactor = pynetdicom.dul.DULServiceProvider.run_reactor
 
 
+_PIPE_LOCK = threading.Lock()  # a pipe is never written after it is closed (its fd number may be reused)
+
+
 def _send_pdu_and_wake(self: pynetdicom.dul.DULServiceProvider, primitive: object) -> None:
     _original_send_pdu(self, primitive)
-    pipe = getattr(self, "_dicom_node_wake", None)
-    if pipe is not None:
-        try:
-            os.write(pipe[1], b"!")
-        except (BlockingIOError, OSError):
-            pass  # a full pipe already means "wake up"
+    with _PIPE_LOCK:
+        pipe = getattr(self, "_dicom_node_wake", None)
+        if pipe is not None:
+            try:
+                os.write(pipe[1], b"!")
+            except (BlockingIOError, OSError):
+                pass  # a full pipe already means "wake up"
 
 
 def _run_reactor_and_close_pipe(self: pynetdicom.dul.DULServiceProvider) -> None:
     try:
         _original_run_reactor(self)
     finally:
-        pipe = getattr(self, "_dicom_node_wake", None)
-        if pipe is not None:
+        with _PIPE_LOCK:
+            pipe = getattr(self, "_dicom_node_wake", None)
             self._dicom_node_wake = None  # type: ignore[attr-defined]
-            for fd in pipe:
-                os.close(fd)
+            if pipe is not None:
+                for fd in pipe:
+                    os.close(fd)
 
 
 def install() -> None:

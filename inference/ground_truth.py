@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import SegmentationStorage
 
 from inference.frames import SlicingError
 from inference.slicing import SliceRef, Volume
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 IN_PLANE_TOLERANCE_MM = 0.5
 
 
@@ -35,7 +36,7 @@ class Segment:
 def read_segmentation(source: Path | Dataset, volume: Volume) -> list[Segment]:
     """Every segment of the SEG, placed on ``volume``; raises SlicingError when it cannot be placed."""
     ds = dcmread(source) if isinstance(source, Path) else source
-    if str(ds.get("SOPClassUID")) != SEGMENTATION_STORAGE:
+    if str(ds.get("SOPClassUID")) != SegmentationStorage:
         raise SlicingError(f"{ds.get('SOPInstanceUID')}: not a Segmentation (SOP class {ds.get('SOPClassUID')})")
     if (ds.Rows, ds.Columns) != volume.voxels.shape[1:]:
         raise SlicingError(f"SEG frames are {ds.Rows}x{ds.Columns}, the series' slices {volume.voxels.shape[1:]}: not resampled")
@@ -48,6 +49,8 @@ def read_segmentation(source: Path | Dataset, volume: Volume) -> list[Segment]:
     same_frame = str(ds.get("FrameOfReferenceUID", "")) == volume.frame_of_reference_uid
     for index, per_frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
         number = int(_group(per_frame, shared, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        if number not in masks:
+            raise SlicingError(f"SEG frame {index + 1} refers to segment {number}, which the SEG does not describe")
         k = _slice_by_reference(per_frame, shared, by_source, by_instance)
         if k is None:
             if not same_frame:
@@ -81,8 +84,9 @@ def _slice_by_reference(per_frame: Dataset, shared: Dataset, by_source: dict[Sli
             for source in derivation.get("SourceImageSequence", []):
                 uid = str(source.ReferencedSOPInstanceUID)
                 frames = source.get("ReferencedFrameNumber")
-                frame = int(frames[0] if isinstance(frames, list) or type(frames).__name__ == "MultiValue" else frames) if frames else None
-                k = by_source.get(SliceRef(uid, frame)) if frame else by_instance.get(uid)
+                frame = int(frames[0] if isinstance(frames, (list, MultiValue)) else frames) if frames else None
+                # A frame number on a single-frame source (often "1") still names that instance.
+                k = (by_source.get(SliceRef(uid, frame)) if frame else None) or by_instance.get(uid)
                 if k is not None:
                     return k
     return None

@@ -25,7 +25,8 @@ def make_engine(url: str, writer: bool = False) -> Engine:
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}} if is_sqlite else {"pool_pre_ping": True}
-    engine = create_engine(url, **kwargs)
+    # hide_parameters: database errors must not carry patient names and IDs into the logs.
+    engine = create_engine(url, hide_parameters=True, **kwargs)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
         if writer:

@@ -102,11 +102,12 @@ class IndexWriter:
         item = _Pending(record, folder_to_sync)
         with self._queue_lock:
             self._queue.append(item)
-        with self._commit_lock:
-            if not item.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                self._commit_batch(batch)
+        while not item.done:
+            with self._commit_lock:
+                if not item.done:
+                    with self._queue_lock:
+                        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                    self._commit_batch(batch)
         if item.error is not None:
             raise item.error
         assert item.result is not None
@@ -129,7 +130,8 @@ class IndexWriter:
         except Exception:
             self._inserter.forget()  # a rolled-back series insert must not stay cached
             if len(batch) == 1:
-                logger.exception("index commit failed for SOP Instance %s", batch[0].record.sop_instance_uid)
+                # No traceback: the database's message would carry bound values (patient names and IDs).
+                logger.error("index commit failed for SOP Instance %s", batch[0].record.sop_instance_uid)
                 batch[0].error = IndexWriteError(batch[0].record.sop_instance_uid)
                 batch[0].done = True
                 return
@@ -150,7 +152,8 @@ class IndexWriteError(RuntimeError):
 _SELECT_INSTANCE_PATH = select(Instance.path).where(Instance.sop_instance_uid == bindparam("uid"))
 _SELECT_SERIES = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
 _SELECT_STUDY = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
-_SELECT_PATIENT = select(Patient.id).where(Patient.patient_id == bindparam("uid"))
+# A patient is (PatientID, PatientName): an empty or reused ID must not merge two people's studies.
+_SELECT_PATIENT = select(Patient.id).where(Patient.patient_id == bindparam("uid"), Patient.patient_name == bindparam("name"))
 _TOUCH_SERIES = (
     update(Series).where(Series.series_instance_uid == bindparam("uid")).values(last_received_at=bindparam("at"))
 )
@@ -173,15 +176,16 @@ class InstanceInserter:
     def add(self, connection: Connection, record: InstanceRecord) -> AddResult:
         """Insert the instance and its patient, study and series rows where missing.
 
-        One INSERT ... ON CONFLICT DO NOTHING instead of a look-up and an insert: the look-up runs only
-        when the SOP Instance UID turns out to be there already.
+        The INSERT is ON CONFLICT DO NOTHING, so two workers storing the same instance at once cannot both
+        insert it.
         """
-        fields = dict(vars(record))  # shallow: dataclasses.asdict deep-copies every value
-        series_key = self._series_key(connection, record, fields)
-        row = {"series_fk": series_key, **_pick(fields, Instance)}
-        if connection.execute(_insert_if_new(connection), row).rowcount == 1:
-            return AddResult.NEW
         existing = connection.execute(_SELECT_INSTANCE_PATH, {"uid": record.sop_instance_uid}).scalar()
+        if existing is None:  # checked first: a refused instance must not leave patient/study/series rows
+            fields = dict(vars(record))  # shallow: dataclasses.asdict deep-copies every value
+            row = {"series_fk": self._series_key(connection, record, fields), **_pick(fields, Instance)}
+            if connection.execute(_insert_if_new(connection), row).rowcount == 1:
+                return AddResult.NEW
+            existing = connection.execute(_SELECT_INSTANCE_PATH, {"uid": record.sop_instance_uid}).scalar()
         return AddResult.DUPLICATE if existing == record.path else AddResult.CONFLICT
 
     def touch_series(self, connection: Connection, series_uid: str, received_at: datetime) -> None:
@@ -194,9 +198,10 @@ class InstanceInserter:
         if key is None:
             key = connection.execute(_SELECT_SERIES, {"uid": uid}).scalar()
         if key is None:
-            patient_key = _get_or_insert(connection, _SELECT_PATIENT, record.patient_id, Patient, _pick(fields, Patient))
+            patient_key = _get_or_insert(connection, _SELECT_PATIENT, {"uid": record.patient_id, "name": record.patient_name},
+                                         Patient, _pick(fields, Patient))
             study_values = {"patient_fk": patient_key, **_pick(fields, Study)}
-            study_key = _get_or_insert(connection, _SELECT_STUDY, record.study_instance_uid, Study, study_values)
+            study_key = _get_or_insert(connection, _SELECT_STUDY, {"uid": record.study_instance_uid}, Study, study_values)
             values = _pick(fields, Series) | {"study_fk": study_key, "first_received_at": record.received_at}
             key = connection.execute(insert(Series).values(**values)).inserted_primary_key[0]
         self._series_keys[uid] = key
@@ -216,8 +221,8 @@ def _insert_if_new(connection: Connection) -> Any:
         raise NotImplementedError(f"index database {connection.dialect.name!r}: use SQLite or PostgreSQL") from None
 
 
-def _get_or_insert(connection: Connection, query: Any, value: str, model: type, values: dict[str, Any]) -> int:
-    key = connection.execute(query, {"uid": value}).scalar()
+def _get_or_insert(connection: Connection, query: Any, keys: dict[str, str], model: type, values: dict[str, Any]) -> int:
+    key = connection.execute(query, keys).scalar()
     if key is None:
         key = connection.execute(insert(model).values(**values)).inserted_primary_key[0]
     return key

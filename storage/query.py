@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, String, and_, cast, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from storage.models import Instance, Patient, Series, Study
@@ -127,7 +127,7 @@ def _condition(key: Key, value: str) -> ColumnElement[bool] | None:
         pattern = pattern.replace("*", "%").replace("?", "_")
         if key.match == Match.NAME:
             return func.lower(column).like(pattern.lower(), escape="\\")
-        return column.like(pattern, escape="\\")
+        return cast(column, String).like(pattern, escape="\\")  # integer keys too (SeriesNumber=1*)
     if column.type.python_type is int:
         try:
             return column == int(text)

@@ -53,3 +53,10 @@ def test_echo_to_a_peer_that_is_down(tmp_path, capsys):
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: dicom-node" in result.stdout and "--config" in result.stdout
+
+
+def test_options_work_before_and_after_the_command(tmp_path, capsys):
+    config = write_node_config(tmp_path, 11112, TEST_PEERS)
+    assert main(["--config", str(config), "config", "check"]) == 0
+    assert str(config) in capsys.readouterr().out
+    assert main(["config", "check", "--config", str(config)]) == 0

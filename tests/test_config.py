@@ -72,3 +72,10 @@ def test_peer_host_restriction():
     assert not config.peer("A").accepts_host("10.0.0.6")
     assert config.peer("B").accepts_host("192.0.2.1")
     assert config.peer("C") is None
+
+
+def test_peer_host_may_be_a_name_and_ipv4_mapped_addresses_match():
+    config = parse_config({"peers": [{"ae_title": "A", "host": "localhost"}, {"ae_title": "B", "host": "127.0.0.1"}]}, base_dir=Path("."))
+    assert config.peer("A").accepts_host("127.0.0.1")
+    assert config.peer("B").accepts_host("::ffff:127.0.0.1")
+    assert not config.peer("A").accepts_host("192.0.2.7")

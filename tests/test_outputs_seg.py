@@ -86,3 +86,10 @@ def test_no_lesion_no_seg(series_with_lesions):
     sources, volume, _, _ = series_with_lesions
     with pytest.raises(OutputError, match="SR only"):
         build_seg(sources, volume, [], ALGORITHM)
+
+
+def test_build_seg_leaves_the_callers_sources_untouched(series_with_lesions):
+    sources, volume, lesions, _ = series_with_lesions
+    assert "StudyDate" not in sources[0] and "SliceThickness" not in sources[0]
+    build_seg(sources, volume, lesions, ALGORITHM)
+    assert "StudyDate" not in sources[0] and "SliceThickness" not in sources[0]

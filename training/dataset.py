@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from inference.ground_truth import read_segmentation
+from inference.model.protocol import NO_FINDINGS
 from inference.preprocess import Normalization, prepare
 from inference.slicing import load_series
 
-NO_FINDINGS = "No findings."
 
 
 @dataclass(frozen=True)

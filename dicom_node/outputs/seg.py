@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node import __version__
 from dicom_node.outputs.codes import codes_for
-from dicom_node.outputs.uids import output_uids
+from dicom_node.outputs.uids import output_uids, stable_uid
 from inference.findings import Lesion
 from inference.slicing import Volume
 
@@ -64,7 +64,7 @@ def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], alg
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
                 name=algorithm.name, version=algorithm.version, family=hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence")),
-            tracking_uid=hd.UID(),
+            tracking_uid=stable_uid(volume.series_instance_uid, algorithm.version, "SEG", "segment", str(number)),
             tracking_id=label,
         )
         for number, (label, lesion) in enumerate(zip(segment_labels(lesions), lesions), start=1)
@@ -94,7 +94,7 @@ def _sources_in_slice_order(sources: list[Dataset], volume: Volume) -> list[Data
     if any(ref.frame_number is not None for ref in volume.sources):
         raise OutputError("SEG for multi-frame sources is not supported yet")
     try:
-        ordered = [copy.copy(by_uid[ref.sop_instance_uid]) for ref in volume.sources]
+        ordered = [copy.deepcopy(by_uid[ref.sop_instance_uid]) for ref in volume.sources]  # the caller's stay as given
     except KeyError as exc:
         raise OutputError(f"source instance {exc.args[0]} of the volume was not given") from None
     for ds in ordered:

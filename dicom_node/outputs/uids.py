@@ -3,13 +3,14 @@ the same UID, so a resend or a re-run replaces the object in the PACS instead of
 
 from __future__ import annotations
 
-import hashlib
+import uuid
+
+NAMESPACE = uuid.UUID("6f0c8d9e-3a51-5b7e-9c2d-dc0de0000001")
 
 
 def stable_uid(*parts: str) -> str:
-    """A UUID-derived UID (2.25.<128-bit integer>, PS3.5 B.2) from a hash of ``parts``; at most 44 characters."""
-    digest = hashlib.sha256("\x1f".join(("dicom-node", *parts)).encode("utf-8")).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+    """A UUID-derived UID (2.25.<name-based UUID, version 5>, PS3.5 B.2) of ``parts``; at most 44 characters."""
+    return f"2.25.{uuid.uuid5(NAMESPACE, chr(31).join(parts)).int}"
 
 
 def output_uids(source_series_uid: str, model_version: str, kind: str) -> tuple[str, str]:

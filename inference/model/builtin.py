@@ -101,7 +101,7 @@ class BuiltinModel:
                              temperature: float = 0.7, seed: int = 0) -> list[Interpretation]:
         """The greedy answer per slice; ``samples`` more at ``temperature`` for slices with a [SEG]."""
         greedy = self._answers(embeddings, question, 0.0, None)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         results = []
         for i, answer in enumerate(greedy):
             sampled: tuple[Answer, ...] = ()

@@ -109,8 +109,8 @@ class GroundedSegmenter(nn.Module):
         n = step_inputs.shape[0]
         tokens: list[list[int]] = [[] for _ in range(n)]
         seg_states: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        active = torch.ones(n, dtype=torch.bool)
-        fed_seg = torch.zeros(n, dtype=torch.bool)  # the token fed in this step is a [SEG] of an active answer
+        active = torch.ones(n, dtype=torch.bool, device=step_inputs.device)
+        fed_seg = torch.zeros(n, dtype=torch.bool, device=step_inputs.device)  # the token fed in this step is a [SEG] of an active answer
         past = None
         for _ in range(self.config.max_new_tokens + 1):
             out = self.language_model(inputs_embeds=step_inputs, past_key_values=past, use_cache=True,

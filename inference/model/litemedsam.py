@@ -7,14 +7,11 @@ prompt encoder's positional encoding and the SAM mask decoder start from these w
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
-IMAGE_SIZE = 256
-EMBEDDING_SHAPE = (256, 64, 64)
 
 
 class WeightsError(RuntimeError):
@@ -28,12 +25,11 @@ def litemedsam_weights_path() -> Path:
 
 
 def verify_sha256(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise WeightsError(f"{path}: SHA-256 {digest.hexdigest()} is not the expected {expected}")
+    from inference.model.card import sha256_of
+
+    actual = sha256_of(path)
+    if actual != expected:
+        raise WeightsError(f"{path}: SHA-256 {actual} is not the expected {expected}")
 
 
 def load_litemedsam(pretrained: bool = True) -> torch.nn.Module:
