@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.header import read_elements
 from dicom_node.ingest import InvalidInstanceError, read_header, to_record
 from storage.files import FileStore
 from storage.index import IndexWriter
@@ -62,24 +63,17 @@ def _index_orphan(files: FileStore, writer: IndexWriter, path: Path) -> bool:
     raw = path.read_bytes()
     try:
         meta_end = 144 + struct.unpack_from("<I", raw, 140)[0]
-        syntax = _meta_transfer_syntax(raw[:meta_end])
+        meta = read_elements(memoryview(raw)[132:meta_end], frozenset({0x00020010}), explicit_vr=True)
+        syntax = meta[0x00020010].rstrip(b"\x00 ").decode("ascii")
         header = read_header(raw[:meta_end], raw[meta_end:], syntax)
         record = to_record(header, syntax, "", datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
         if files.path_for(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid) != path:
             raise InvalidInstanceError(0, "file is not where its UIDs say it belongs")
-    except (InvalidInstanceError, struct.error, ValueError) as exc:
+    except (InvalidInstanceError, struct.error, ValueError, KeyError) as exc:
         logger.error("recovery: %s is not a valid instance file (%s); left in place for inspection", path, exc)
         return False
     writer.commit(replace(record, path=files.relative(path), size_bytes=len(raw)), None)
     return True
-
-
-def _meta_transfer_syntax(meta: bytes) -> str:
-    """(0002,0010) from the file meta the node wrote (explicit VR little endian)."""
-    marker = b"\x02\x00\x10\x00UI"
-    at = meta.index(marker)
-    length = struct.unpack_from("<H", meta, at + 6)[0]
-    return meta[at + 8:at + 8 + length].rstrip(b"\x00 ").decode("ascii")
 
 
 def _as_utc(moment: datetime) -> datetime:

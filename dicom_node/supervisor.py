@@ -24,7 +24,8 @@ from dicom_node.config import NodeConfig
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-RESTART_DELAY_S = 2.0
+RESTART_DELAYS_S = (1.0, 2.0, 5.0, 15.0, 60.0)  # after 1, 2, ... consecutive quick deaths; reset by a long run
+HEALTHY_AFTER_S = 60.0
 
 
 def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
@@ -48,13 +49,23 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
     command = [sys.executable, "-m", "dicom_node.cli", "serve", "--worker", "--config", str(config_path)]
     command += ["--verbose"] if verbose else []
     workers = [_start(command) for _ in range(config.node.worker_count)]
+    started = [time.monotonic()] * len(workers)
+    failures = [0] * len(workers)
+    due: dict[int, float] = {}  # worker slot -> when to restart it
     logger.info("%s: %d worker processes on %s:%d", config.node.ae_title, len(workers), config.node.host, config.node.port)
     while not stopping.wait(0.5):
+        now = time.monotonic()
         for i, worker in enumerate(workers):
-            if worker.poll() is not None:
-                logger.error("worker %d exited with %s; restarting it in %.0f s", worker.pid, worker.returncode, RESTART_DELAY_S)
-                time.sleep(RESTART_DELAY_S)
-                workers[i] = _start(command)
+            if i in due:
+                if now >= due[i]:
+                    files.remove_stale_temporaries()  # what the dead worker was writing was never acknowledged
+                    workers[i], started[i] = _start(command), now
+                    del due[i]
+            elif worker.poll() is not None:
+                failures[i] = 0 if now - started[i] > HEALTHY_AFTER_S else failures[i] + 1
+                delay = RESTART_DELAYS_S[min(failures[i], len(RESTART_DELAYS_S) - 1)]
+                logger.error("worker %d exited with %s; restarting it in %.0f s", worker.pid, worker.returncode, delay)
+                due[i] = now + delay
     logger.info("shutting down %d workers", len(workers))
     for worker in workers:
         worker.terminate()

@@ -77,10 +77,11 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
     interpreted = time.perf_counter()
     lesions = aggregate(volume, findings, config.min_volume_ml)
     done = time.perf_counter()
+    skipped = len(volume.sources) - len(selected)
     logger.info("series %s: %d slices interpreted, %d skipped, %d lesions", volume.series_instance_uid,
-                len(selected), len(volume.sources) - len(selected), len(lesions))
+                len(selected), skipped, len(lesions))
     return SeriesResult(
-        Assessment.ASSESSED, "", lesions, model.version, question, len(selected), len(volume.sources) - len(selected),
+        Assessment.ASSESSED, "", lesions, model.version, question, len(selected), skipped,
         {"prepare": prepared - started, "model": interpreted - prepared, "aggregate": done - interpreted},
     )
 

@@ -41,9 +41,6 @@ class FileStore:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def absolute(self, relative: str) -> Path:
-        return self.root / relative
-
     def check_free_space(self) -> None:
         free = shutil.disk_usage(self.root).free
         if free < self.min_free_bytes:
@@ -86,9 +83,6 @@ class FileStore:
             _unlink_quietly(tmp)
             count += 1
         return count
-
-    def bytes_used(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*/*/*.dcm"))
 
     def _make_dirs(self, folder: Path) -> None:
         """Create missing folders and fsync each new entry's parent, so the folder itself survives a crash."""

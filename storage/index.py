@@ -238,8 +238,8 @@ def lookup_instance(session: Session, sop_instance_uid: str) -> StoredInstance |
     return StoredInstance(*row) if row else None
 
 
-def _pick(fields: dict[str, Any], model: type, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    columns = {c.key for c in model.__table__.columns} - {"id"} - exclude  # type: ignore[attr-defined]
+def _pick(fields: dict[str, Any], model: type) -> dict[str, Any]:
+    columns = {c.key for c in model.__table__.columns} - {"id"}  # type: ignore[attr-defined]
     picked = {k: v for k, v in fields.items() if k in columns}
     if model is Series:
         picked["last_received_at"] = fields["received_at"]

@@ -7,6 +7,7 @@ for person names), UID list (``\\``-separated), and date/time ranges (``A-B``, `
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -14,6 +15,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, String, and_, cast, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
+
+logger = logging.getLogger(__name__)
 
 from storage.models import Instance, Patient, Series, Study
 
@@ -85,7 +88,10 @@ def find(session: Session, level: QueryLevel, identifier: dict[str, str], limit:
     if level == QueryLevel.STUDY and identifier.get("ModalitiesInStudy"):
         wanted = [m for m in identifier["ModalitiesInStudy"].split("\\") if m]
         stmt = stmt.where(Study.id.in_(select(Series.study_fk).where(Series.modality.in_(wanted))))
-    for row in session.execute(stmt.limit(limit)):
+    rows = session.execute(stmt.limit(limit + 1)).all()
+    if len(rows) > limit:
+        logger.warning("C-FIND at %s level matched more than %d entities; answering the first %d", level.value, limit, limit)
+    for row in rows[:limit]:
         patient, study, series, instance = (list(row) + [None, None])[:4]
         yield _answer(session, identifier, patient, study, series, instance)
 

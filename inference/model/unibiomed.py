@@ -37,7 +37,7 @@ class UniBiomedModel:
             options["low_cpu_mem_usage"] = True
         self.model = AutoModel.from_pretrained(str(path), **options).eval()
         if cuda:
-            self.model = self.model.cuda()
+            self.model = self.model.to("cuda" if device == "auto" else device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
         self.input_size = input_size
         self.scope = scope
