@@ -93,3 +93,18 @@ def test_build_seg_leaves_the_callers_sources_untouched(series_with_lesions):
     assert "StudyDate" not in sources[0] and "SliceThickness" not in sources[0]
     build_seg(sources, volume, lesions, ALGORITHM)
     assert "StudyDate" not in sources[0] and "SliceThickness" not in sources[0]
+
+
+def test_overlapping_lesions_of_two_labels_are_written_as_separate_segments(tmp_path):
+    paths = write_slices(tmp_path / "ct", axial_positions(4, step=2.5), rows=32, columns=32)
+    volume = load_series(paths)
+    a, b = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    a[5:20, 5:20], b[10:25, 10:25] = True, True  # overlap on purpose
+    lesions = aggregate(volume, [SliceFinding(1, "Liver tumor", a, 0.9, Reliability.HIGH),
+                                 SliceFinding(1, "Liver cyst", b, 0.9, Reliability.HIGH)], min_volume_ml=0.0)
+    path = tmp_path / "seg.dcm"
+    build_seg([dcmread(p, stop_before_pixels=True) for p in paths], volume, lesions, ALGORITHM).save_as(path)
+    assert dciodvfy_errors(path) == []
+    segments = {s.label: s.mask for s in read_segmentation(path, volume)}
+    np.testing.assert_array_equal(segments["Liver tumor 1"][1], a)
+    np.testing.assert_array_equal(segments["Liver cyst 1"][1], b)

@@ -8,7 +8,6 @@ the patient and study of the source, and a new series with a stable UID. A pure 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -53,8 +52,8 @@ def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], alg
     """The SEG for ``lesions`` found on ``volume``; ``sources`` are the series' instances (any order)."""
     if not lesions:
         raise OutputError("a SEG needs at least one lesion; a series without findings gets an SR only")
-    ordered = _sources_in_slice_order(sources, volume)
-    pixels = np.stack([lesion.mask for lesion in lesions], axis=-1)  # (slices, rows, columns, segments)
+    ordered = sources_with_type2(sources, volume)
+    pixels = _segment_array(lesions)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -88,13 +87,33 @@ def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], alg
     )
 
 
-def _sources_in_slice_order(sources: list[Dataset], volume: Volume) -> list[Dataset]:
+def _segment_array(lesions: list[Lesion]) -> np.ndarray:
+    """A (slices, rows, columns) label map of segment numbers when no two lesions share a voxel (the usual
+    case: highdicom's overlap check of a 4D stack alone took 1.7 s for 300 slices), else the 4D stack."""
+    labels = np.zeros(lesions[0].mask.shape, dtype=np.uint16)
+    for number, lesion in enumerate(lesions, start=1):
+        if labels[lesion.mask].any():
+            return np.stack([lesion.mask for lesion in lesions], axis=-1)  # (slices, rows, columns, segments)
+        labels[lesion.mask] = number
+    return labels
+
+
+def _copy(ds: Dataset) -> Dataset:
+    """A new data set with the same elements (element objects shared, not copied): attributes added to it
+    do not appear in the caller's data set. A deep copy cost 0.5 s for 300 sources."""
+    copied = Dataset()
+    copied.update(ds)
+    copied.file_meta = getattr(ds, "file_meta", Dataset())
+    return copied
+
+
+def sources_with_type2(sources: list[Dataset], volume: Volume) -> list[Dataset]:
     """Copies of the source instances in the volume's slice order, with missing type 2 attributes added."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if any(ref.frame_number is not None for ref in volume.sources):
         raise OutputError("SEG for multi-frame sources is not supported yet")
     try:
-        ordered = [copy.deepcopy(by_uid[ref.sop_instance_uid]) for ref in volume.sources]  # the caller's stay as given
+        ordered = [_copy(by_uid[ref.sop_instance_uid]) for ref in volume.sources]
     except KeyError as exc:
         raise OutputError(f"source instance {exc.args[0]} of the volume was not given") from None
     for ds in ordered:

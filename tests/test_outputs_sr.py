@@ -1,0 +1,43 @@
+"""The TID 1500 SR the node writes: valid for dciodvfy, explicit about no findings and about scope."""
+
+import highdicom as hd
+import pytest
+
+from dicom_node.outputs.seg import build_seg
+from dicom_node.outputs.sr import build_sr
+from inference.engine import Assessment, SeriesResult
+from tests.test_outputs_seg import ALGORITHM, dciodvfy_errors, series_with_lesions  # noqa: F401 - fixture
+
+
+def test_report_lists_each_lesion_with_measurements_and_seg_reference(series_with_lesions, tmp_path):
+    sources, volume, lesions, _ = series_with_lesions
+    seg = build_seg(sources, volume, lesions, ALGORITHM)
+    result = SeriesResult(Assessment.ASSESSED, "", lesions, ALGORITHM.version)
+    sr = build_sr(sources, volume, result, seg, ALGORITHM)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    assert dciodvfy_errors(path) == []
+    report = hd.sr.srread(path)
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Liver tumor 1", "Kidney tumor 1"]
+    volume_ml = groups[0].get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))[0].value
+    assert float(volume_ml) == pytest.approx(round(lesions[0].volume_ml, 3))
+    assert groups[0].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert report.PatientID == sources[0].PatientID and report.StudyInstanceUID == sources[0].StudyInstanceUID
+
+
+@pytest.mark.parametrize(("assessment", "reason", "says"), [
+    (Assessment.ASSESSED, "", "Clinical finding absent"),
+    (Assessment.NOT_ASSESSED, "MR is outside the model's scope (CT)", "Not done"),
+])
+def test_no_findings_and_not_assessed_are_explicit(series_with_lesions, tmp_path, assessment, reason, says):
+    sources, volume, _, _ = series_with_lesions
+    sr = build_sr(sources, volume, SeriesResult(assessment, reason, [], ALGORITHM.version), None, ALGORITHM)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    assert dciodvfy_errors(path) == []
+    report = hd.sr.srread(path)
+    values = [str(e.value) for e in report.iterall() if e.keyword in ("TextValue", "CodeMeaning")]
+    assert says in values
+    if reason:
+        assert f"Not assessed: {reason}" in values
