@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="counts of patients, studies, series, instances; storage used")
     status.set_defaults(func=_status)
 
+    resend = commands.add_parser("resend", parents=[common], help="send a delivery again now (see `status` for ids)")
+    resend.add_argument("delivery", metavar="ID", type=int, help="the delivery id `dicom-node status` lists")
+    resend.set_defaults(func=_resend)
+
     config = commands.add_parser("config", parents=[common], help="configuration commands")
     config_commands = config.add_subparsers(title="config commands", metavar="ACTION")
     check = config_commands.add_parser("check", parents=[common], help="validate the config file and print the settings in force")
@@ -96,8 +100,16 @@ def _serve(config: NodeConfig, args: argparse.Namespace) -> int:
         logger.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc)
         node.stop()
         return 1
+    delivery = None
+    if not args.worker:  # one delivery loop per node: the supervisor's when there are workers
+        from dicom_node.outbox import DeliveryLoop
+
+        delivery = DeliveryLoop(config, node.sessions)
+        delivery.start()
     stopping.wait()
     logger.info("shutting down")
+    if delivery is not None:
+        delivery.stop()
     node.stop()
     return 0
 
@@ -120,12 +132,14 @@ def _echo(config: NodeConfig, args: argparse.Namespace) -> int:
 
 
 def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
+    from dicom_node.outbox import summarize_outbox
     from dicom_node.report import summarize
     from storage.database import make_engine, make_sessionmaker
 
     engine = make_engine(config.storage.database_url)
     with make_sessionmaker(engine)() as session:
         summary = summarize(session, config.storage.path)
+        outbox = summarize_outbox(session)
     engine.dispose()
     print(f"patients   {summary.patients}")
     print(f"studies    {summary.studies}")
@@ -133,6 +147,24 @@ def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
     print(f"instances  {summary.instances}")
     print(f"stored     {summary.bytes_stored / 2**20:.1f} MiB in {config.storage.path}")
     print(f"free       {summary.bytes_free / 2**30:.1f} GiB (refuses C-STORE below {config.storage.min_free_mb} MiB)")
+    print(f"deliveries {outbox.pending} pending, {outbox.sent} sent, {len(outbox.failed)} failed")
+    for delivery in outbox.failed:
+        print(f"  failed   id {delivery.id}: {delivery.sop_instance_uid} to {delivery.destination}, "
+              f"{delivery.attempts} attempts, last: {delivery.last_error} (dicom-node resend {delivery.id})")
+    return 0
+
+
+def _resend(config: NodeConfig, args: argparse.Namespace) -> int:
+    from dicom_node.outbox import resend
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url)
+    found = resend(make_sessionmaker(engine), args.delivery)
+    engine.dispose()
+    if not found:
+        print(f"error: no delivery {args.delivery}", file=sys.stderr)
+        return 2
+    print(f"delivery {args.delivery} queued to be sent again now")
     return 0
 
 

@@ -28,6 +28,9 @@ class ConfigError(ValueError):
         super().__init__(f"config: {key}: {message}")
 
 
+RESULT_KINDS = ("seg", "sr")
+
+
 class Permission(str, Enum):
     """What a peer may ask of the node (and, for ``destination``, what the node may send it)."""
 
@@ -86,6 +89,7 @@ class Peer:
     host: str = ""
     port: int = 104
     allow: frozenset[Permission] = frozenset({Permission.ECHO, Permission.STORE, Permission.FIND})
+    results: frozenset[str] = frozenset(RESULT_KINDS)  # with "destination": which of the node's results it gets
 
     def may(self, permission: Permission) -> bool:
         return permission in self.allow
@@ -105,6 +109,10 @@ class NodeConfig:
     storage: StorageSection = field(default_factory=StorageSection)
     peers: tuple[Peer, ...] = ()
     source: Path | None = None
+
+    def destinations(self, kind: str) -> list[Peer]:
+        """Peers that receive results of this kind ("seg" or "sr")."""
+        return [p for p in self.peers if p.may(Permission.DESTINATION) and kind in p.results]
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (trailing spaces ignored), or None."""
@@ -216,7 +224,10 @@ def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
 def _parse_peer(raw: Any, key: str) -> Peer:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
-    _reject_unknown(raw, {"ae_title", "host", "port", "allow"}, f"{key}.")
+    _reject_unknown(raw, {"ae_title", "host", "port", "allow", "results"}, f"{key}.")
+    results = raw.get("results", list(RESULT_KINDS))
+    if not isinstance(results, list) or any(r not in RESULT_KINDS for r in results):
+        raise ConfigError(f"{key}.results", f"{results!r} must be a list of {', '.join(RESULT_KINDS)}")
     if "ae_title" not in raw:
         raise ConfigError(f"{key}.ae_title", "is required")
     allow_raw = raw.get("allow", [p.value for p in Peer.allow])
@@ -234,6 +245,7 @@ def _parse_peer(raw: Any, key: str) -> Peer:
         host=_get(raw, f"{key}.host", str, ""),
         port=_port(raw.get("port", 104), f"{key}.port"),
         allow=frozenset(allow),
+        results=frozenset(results),
     )
 
 

@@ -41,7 +41,10 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
     recover(files, make_sessionmaker(engine), writer)
     writer.close()
     writer_engine.dispose()
-    engine.dispose()
+    from dicom_node.outbox import DeliveryLoop
+
+    delivery = DeliveryLoop(config, make_sessionmaker(engine))
+    delivery.start()
 
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,6 +69,8 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
                 delay = RESTART_DELAYS_S[min(failures[i], len(RESTART_DELAYS_S) - 1)]
                 logger.error("worker %d exited with %s; restarting it in %.0f s", worker.pid, worker.returncode, delay)
                 due[i] = now + delay
+    delivery.stop()
+    engine.dispose()
     logger.info("shutting down %d workers", len(workers))
     for worker in workers:
         worker.terminate()

@@ -48,6 +48,16 @@ class RunningPeer:
     process: subprocess.Popen
     folder: Path
     http_port: int = 0
+    command: list[str] | None = None
+
+    def restart(self) -> None:
+        """Start the same program again on the same ports (after stop())."""
+        assert self.command is not None
+        log = open(self.folder / "restart.log", "ab")
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV)
+        wait_for_port(self.port, timeout_s=60, process=self.process)
+        if self.http_port:
+            wait_for_port(self.http_port, timeout_s=60, process=self.process)
 
     def stop(self, kill: bool = False) -> None:
         if self.process.poll() is None:
@@ -140,8 +150,9 @@ def orthanc(folder: Path, modalities: dict[str, list] | None = None, ae_title: s
     }
     (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
     log = open(folder / "orthanc.log", "ab")
-    process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV)
-    peer = RunningPeer(ae_title, port, process, folder, http_port)
+    command = ["Orthanc", str(folder / "orthanc.json")]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV)
+    peer = RunningPeer(ae_title, port, process, folder, http_port, command)
     try:
         wait_for_port(port, timeout_s=60, process=process)
         wait_for_port(http_port, timeout_s=60, process=process)
@@ -152,6 +163,14 @@ def orthanc(folder: Path, modalities: dict[str, list] | None = None, ae_title: s
 
 def orthanc_get(peer: RunningPeer, path: str) -> object:
     with urllib.request.urlopen(f"http://127.0.0.1:{peer.http_port}{path}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def orthanc_find(peer: RunningPeer, level: str, query: dict[str, str]) -> list[dict]:
+    """Orthanc's /tools/find with expanded answers."""
+    body = json.dumps({"Level": level, "Query": query, "Expand": True}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{peer.http_port}/tools/find", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 

@@ -11,6 +11,7 @@ from tests.test_outputs_seg import ALGORITHM, dciodvfy_errors, series_with_lesio
 
 def test_report_lists_each_lesion_with_measurements_and_seg_reference(series_with_lesions, tmp_path):
     sources, volume, lesions, _ = series_with_lesions
+    lesions[0].texts = ["It is [SEG]. Liver tumor."]
     seg = build_seg(sources, volume, lesions, ALGORITHM)
     result = SeriesResult(Assessment.ASSESSED, "", lesions, ALGORITHM.version)
     sr = build_sr(sources, volume, result, seg, ALGORITHM)
@@ -23,6 +24,9 @@ def test_report_lists_each_lesion_with_measurements_and_seg_reference(series_wit
     volume_ml = groups[0].get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))[0].value
     assert float(volume_ml) == pytest.approx(round(lesions[0].volume_ml, 3))
     assert groups[0].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    referenced_images = {str(e.value) for e in groups[0][0].iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+    assert {s.sop_instance_uid for s in lesions[0].sources} <= referenced_images
+    assert "It is [SEG]. Liver tumor." in [str(e.value) for e in groups[0][0].iterall() if e.keyword == "TextValue"]
     assert report.PatientID == sources[0].PatientID and report.StudyInstanceUID == sources[0].StudyInstanceUID
 
 

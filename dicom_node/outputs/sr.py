@@ -31,6 +31,7 @@ MILLILITER = Code("ml", "UCUM", "milliliter")
 # Reliability and mask quality have no standard codes: a private coding scheme ("99" prefix, PS3.3 8.2).
 RELIABILITY = Code("RELIABILITY", "99DICOMNODE", "AI finding reliability")
 LEVELS = {level: Code(level.upper(), "99DICOMNODE", level.capitalize()) for level in ("high", "medium", "low", "unknown")}
+ANSWER = Code("121106", "DCM", "Comment")  # holds the model's answer text, e.g. "It is [SEG]. Liver tumor."
 MASK_QUALITY = Code("MASKIOU", "99DICOMNODE", "Predicted mask IoU")
 RATIO = Code("1", "UCUM", "no units")
 
@@ -50,7 +51,8 @@ def build_sr(sources: list[Dataset], volume: Volume, result: SeriesResult, seg: 
     else:
         if seg is None:
             raise ValueError("lesions need their SEG to be referenced")
-        groups = [_lesion_group(volume, lesion, label, number, seg)
+        sop_classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in sources}
+        groups = [_lesion_group(volume, lesion, label, number, seg, sop_classes)
                   for number, (label, lesion) in enumerate(zip(segment_labels(result.lesions), result.lesions), start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
@@ -79,7 +81,8 @@ def _statement(volume: Volume, value: Code, text: str) -> hd.sr.MeasurementsAndQ
     )
 
 
-def _lesion_group(volume: Volume, lesion: Lesion, label: str, number: int, seg: Dataset) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+def _lesion_group(volume: Volume, lesion: Lesion, label: str, number: int, seg: Dataset,
+                  sop_classes: dict[str, str]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     coded = codes_for(lesion.label)
     qualitative = [hd.sr.QualitativeEvaluation(name=RELIABILITY, value=LEVELS[lesion.reliability.value])]
     measurements = [
@@ -87,15 +90,21 @@ def _lesion_group(volume: Volume, lesion: Lesion, label: str, number: int, seg: 
         hd.sr.Measurement(name=DIAMETER, value=round(lesion.largest_axial_diameter_mm, 1), unit=codes.UCUM.Millimeter),
         hd.sr.Measurement(name=MASK_QUALITY, value=round(lesion.mean_score, 3), unit=RATIO),
     ]
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    source_images = [hd.sr.SourceImageForSegmentation(sop_classes[ref.sop_instance_uid], ref.sop_instance_uid)
+                     for ref in lesion.sources]
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid(volume.series_instance_uid, "lesion", label), identifier=label),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid)),
+            source_images=source_images),
         finding_type=coded.property_type,
         finding_category=coded.category,
         finding_sites=[hd.sr.FindingSite(coded.site)] if coded.site else None,
         measurements=measurements,
         qualitative_evaluations=qualitative,
     )
+    for text in lesion.texts:  # the model's own answer(s), as the radiologist should be able to read them
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=ANSWER, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
