@@ -19,7 +19,10 @@ run: install
 test: install
 	$(PY) -m pytest
 
-install: system-packages $(VENV)/.installed
+# pydicom-seg (a second reader of our SEGs in the tests) needs pydicom 2 and numpy 1: its own small venv.
+SEG_VENV := .venv-pydicomseg
+
+install: system-packages $(VENV)/.installed $(SEG_VENV)/.installed
 
 system-packages:
 	@missing=""; for tool in $(APT_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
@@ -34,8 +37,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
 	touch $@
 
+$(SEG_VENV)/.installed:
+	test -x $(SEG_VENV)/bin/python || $(PYTHON) -m venv $(SEG_VENV)
+	$(SEG_VENV)/bin/python -m pip install --disable-pip-version-check -q "pydicom<3" "pydicom-seg==0.4.1" "numpy<2"
+	touch $@
+
 benchmark: install
 	$(PY) -m benchmarks.ingest --repeats 3 --json benchmarks/results/ingest.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(SEG_VENV) build *.egg-info .pytest_cache

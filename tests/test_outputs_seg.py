@@ -108,3 +108,28 @@ def test_overlapping_lesions_of_two_labels_are_written_as_separate_segments(tmp_
     segments = {s.label: s.mask for s in read_segmentation(path, volume)}
     np.testing.assert_array_equal(segments["Liver tumor 1"][1], a)
     np.testing.assert_array_equal(segments["Liver cyst 1"][1], b)
+
+
+PYDICOM_SEG_READER = """
+import sys, numpy, pydicom, pydicom_seg
+reader = pydicom_seg.SegmentReader().read(pydicom.dcmread(sys.argv[1]))
+numpy.savez(sys.argv[2], **{str(n): reader.segment_data(n) for n in sorted(reader.available_segments)})
+"""
+
+
+def test_seg_reads_back_in_pydicom_seg(series_with_lesions):
+    """pydicom-seg needs pydicom 2, so it runs in its own venv (made by `make test`)."""
+    from pathlib import Path
+
+    python = Path(__file__).resolve().parents[1] / ".venv-pydicomseg" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} missing: run `make test`, which creates it")
+    sources, volume, lesions, tmp_path = series_with_lesions
+    path, out = tmp_path / "seg.dcm", tmp_path / "segments.npz"
+    build_seg(sources, volume, lesions, ALGORITHM).save_as(path)
+    subprocess.run([str(python), "-c", PYDICOM_SEG_READER, str(path), str(out)], check=True, capture_output=True)
+    segments = np.load(out)
+    first = min(lesion.slice_range[0] for lesion in lesions)
+    last = max(lesion.slice_range[1] for lesion in lesions)
+    for number, lesion in enumerate(lesions, start=1):  # pydicom-seg returns the frames' extent, in position order
+        np.testing.assert_array_equal(segments[str(number)].astype(bool), lesion.mask[first:last + 1])
