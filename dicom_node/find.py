@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
+from dicom_node.ingest import value_text
 from storage.query import QueryError, QueryLevel, find
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,8 @@ def identifier_to_query(identifier: Dataset) -> dict[str, str]:
         value = element.value
         if isinstance(value, Sequence) or value is None:
             query[keyword] = ""
-        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            query[keyword] = "\\".join(str(v) for v in value)
         else:
-            query[keyword] = str(value)
+            query[keyword] = value_text(value)
     return query
 
 

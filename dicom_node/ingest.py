@@ -13,6 +13,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
@@ -38,10 +39,8 @@ _TEXT_KEYWORDS = {
 }
 _INT_KEYWORDS = {"SeriesNumber": "series_number", "InstanceNumber": "instance_number", "NumberOfFrames": "number_of_frames"}
 _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-HEADER_TAGS = [
-    Tag(k)
-    for k in ("SpecificCharacterSet", "FrameOfReferenceUID", *_UID_KEYWORDS, *_TEXT_KEYWORDS, *_INT_KEYWORDS)
-]
+_HEADER_KEYWORDS = ("SpecificCharacterSet", "FrameOfReferenceUID", *_UID_KEYWORDS, *_TEXT_KEYWORDS, *_INT_KEYWORDS)
+HEADER_TAGS = [Tag(k) for k in _HEADER_KEYWORDS]
 
 
 class InvalidInstanceError(ValueError):
@@ -95,8 +94,8 @@ def _text_bytes(text: str) -> bytes:
     return raw + b" " if len(raw) % 2 else raw
 
 
-_WANTED = frozenset(int(tag) for tag in HEADER_TAGS)
-_KEYWORD_OF = {int(Tag(k)): k for k in ("SpecificCharacterSet", "FrameOfReferenceUID", *_UID_KEYWORDS, *_TEXT_KEYWORDS, *_INT_KEYWORDS)}
+_KEYWORD_OF = {int(Tag(k)): k for k in _HEADER_KEYWORDS}
+_WANTED = frozenset(_KEYWORD_OF)
 _SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _LITTLE_ENDIAN_IMPLICIT = "1.2.840.10008.1.2"
 _NOT_WALKABLE = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}  # deflated, big endian
@@ -173,9 +172,14 @@ def _text(header: Dataset, keyword: str) -> str:
         return ""
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip().rstrip("\x00")
+    return value_text(value).strip().rstrip("\x00")
+
+
+def value_text(value: object) -> str:
+    """An element value as DICOM text: the values of a multi-valued element joined by backslashes."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def _int(text: str) -> int | None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import status
 from dicom_node.ingest import InvalidInstanceError, file_meta_bytes, read_header, to_record
 from storage.files import FileStore, StorageFullError
-from storage.index import AddResult, IndexWriteError, IndexWriter, lookup_instance
+from storage.index import AddResult, IndexWriteError, IndexWriter, is_indexed
 from storage.uids import InvalidUIDError, validate_uid
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class InstanceReceiver:
 
     def _already_indexed(self, sop_uid: str) -> bool:
         with self.sessions() as session:
-            return lookup_instance(session, sop_uid) is not None
+            return is_indexed(session, sop_uid)
 
     def _receive(self, request: StoreRequest) -> int:
         self.files.check_free_space()

@@ -79,7 +79,6 @@ class Node:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-        self.writer.close()
         self.writer_engine.dispose()
         self.engine.dispose()
 

@@ -39,7 +39,6 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
     files = FileStore(config.storage.path)
     writer = IndexWriter(writer_engine, files)
     recover(files, make_sessionmaker(engine), writer)
-    writer.close()
     writer_engine.dispose()
     from dicom_node.outbox import DeliveryLoop
 

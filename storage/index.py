@@ -62,15 +62,6 @@ class AddResult(Enum):
     CONFLICT = "conflict"  # same SOP Instance UID already indexed under another study or series
 
 
-@dataclass(frozen=True)
-class StoredInstance:
-    """Where an already indexed instance lives (for duplicate and conflict checks)."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    path: str
-
-
 @dataclass
 class _Pending:
     record: InstanceRecord
@@ -112,9 +103,6 @@ class IndexWriter:
             raise item.error
         assert item.result is not None
         return item.result
-
-    def close(self) -> None:
-        """Nothing to stop: commits run on the callers' threads."""
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
@@ -228,14 +216,8 @@ def _get_or_insert(connection: Connection, query: Any, keys: dict[str, str], mod
     return key
 
 
-def lookup_instance(session: Session, sop_instance_uid: str) -> StoredInstance | None:
-    row = session.execute(
-        select(Study.study_instance_uid, Series.series_instance_uid, Instance.path)
-        .join(Series, Instance.series_fk == Series.id)
-        .join(Study, Series.study_fk == Study.id)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-    ).first()
-    return StoredInstance(*row) if row else None
+def is_indexed(session: Session, sop_instance_uid: str) -> bool:
+    return session.execute(_SELECT_INSTANCE_PATH, {"uid": sop_instance_uid}).scalar() is not None
 
 
 def _pick(fields: dict[str, Any], model: type) -> dict[str, Any]:
