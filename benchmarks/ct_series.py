@@ -7,6 +7,7 @@ Pixel content is a noisy ellipse in Hounsfield-like values; the headers are comp
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +17,31 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def write_ct_series(out_dir: Path, slices: int = 300, size: int = 512, seed: int = 0) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
     yy, xx = np.mgrid[:size, :size]
     body = ((yy - size / 2) / (size * 0.35)) ** 2 + ((xx - size / 2) / (size * 0.45)) ** 2 <= 1
+    images = (np.where(body, 40, -1000).astype(np.int16) + rng.normal(0, 10, (size, size)).astype(np.int16)
+              for _ in range(slices))
+    return write_ct_slices(out_dir, images, field_of_view_mm=500.0)
+
+
+def write_ct_slices(out_dir: Path, images: Iterable[np.ndarray], field_of_view_mm: float,
+                    description: str = "Benchmark axial") -> list[Path]:
+    """One CT file per (size, size) image of Hounsfield units; 1 mm slices, one new study and series."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
     paths = []
-    for k in range(slices):
-        pixels = np.where(body, 40, -1000).astype(np.int16) + rng.normal(0, 10, (size, size)).astype(np.int16)
-        ds = _ct_dataset(study, series, frame, k, size)
-        ds.PixelData = (pixels + 1024).astype(np.uint16).tobytes()
+    for k, hu in enumerate(images):
+        ds = _ct_dataset(study, series, frame, k, hu.shape[0], field_of_view_mm)
+        ds.SeriesDescription = description
+        ds.PixelData = (np.clip(hu, -1024, 3071) + 1024).astype(np.uint16).tobytes()
         path = out_dir / f"CT{k:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
 
 
-def _ct_dataset(study: str, series: str, frame: str, k: int, size: int) -> Dataset:
+def _ct_dataset(study: str, series: str, frame: str, k: int, size: int, field_of_view_mm: float) -> Dataset:
     sop = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -47,9 +56,9 @@ def _ct_dataset(study: str, series: str, frame: str, k: int, size: int) -> Datas
     ds.ReferringPhysicianName, ds.StudyDescription = "", "Benchmark CT"
     ds.Modality, ds.SeriesNumber, ds.SeriesDescription, ds.BodyPartExamined = "CT", 1, "Benchmark axial", "ABDOMEN"
     ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [-250.0, -250.0, -k * 1.0]
+    ds.ImagePositionPatient = [-field_of_view_mm / 2, -field_of_view_mm / 2, -k * 1.0]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.SliceThickness, ds.PixelSpacing = 1.0, [500.0 / size, 500.0 / size]
+    ds.SliceThickness, ds.PixelSpacing = 1.0, [field_of_view_mm / size] * 2
     ds.Rows = ds.Columns = size
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

@@ -52,12 +52,24 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("peer", metavar="PEER", help="AE title of a [[peers]] entry in the config")
     echo.set_defaults(func=_echo)
 
-    status = commands.add_parser("status", parents=[common], help="counts of patients, studies, series, instances; storage used")
+    status = commands.add_parser("status", parents=[common], help="what the node holds, its jobs, recent results and deliveries")
     status.set_defaults(func=_status)
 
     resend = commands.add_parser("resend", parents=[common], help="send a delivery again now (see `status` for ids)")
     resend.add_argument("delivery", metavar="ID", type=int, help="the delivery id `dicom-node status` lists")
     resend.set_defaults(func=_resend)
+
+    retry = commands.add_parser("retry", parents=[common], help="run a failed job again (see `status` for ids)")
+    retry.add_argument("job", metavar="ID", type=int, help="the job id `dicom-node status` lists")
+    retry.set_defaults(func=_retry)
+
+    analyze = commands.add_parser("analyze", parents=[common],
+                                  help="interpret a folder of DICOM files without the network; SEG, SR and summary.json into --out")
+    analyze.add_argument("path", metavar="PATH", type=Path, help="folder (searched recursively) of DICOM files")
+    analyze.add_argument("--out", metavar="DIR", type=Path, required=True, help="folder for <series UID>/seg.dcm, sr.dcm and summary.json")
+    analyze.add_argument("--model", metavar="CHECKPOINT", type=Path, help="model folder to use for every series (default: the routes in the config)")
+    analyze.add_argument("--question", default="", help="question to ask (default: the route's, else UniBiomed's recognition question)")
+    analyze.set_defaults(func=_analyze)
 
     config = commands.add_parser("config", parents=[common], help="configuration commands")
     config_commands = config.add_subparsers(title="config commands", metavar="ACTION")
@@ -100,14 +112,19 @@ def _serve(config: NodeConfig, args: argparse.Namespace) -> int:
         logger.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc)
         node.stop()
         return 1
-    delivery = None
-    if not args.worker:  # one delivery loop per node: the supervisor's when there are workers
+    delivery = jobs = None
+    if not args.worker:  # one delivery loop and job service per node: the supervisor's when there are workers
+        from dicom_node.jobs import JobService
         from dicom_node.outbox import DeliveryLoop
 
         delivery = DeliveryLoop(config, node.sessions)
         delivery.start()
+        jobs = JobService(config, on_results=delivery.wake)
+        jobs.start()
     stopping.wait()
     logger.info("shutting down")
+    if jobs is not None:
+        jobs.stop()
     if delivery is not None:
         delivery.stop()
     node.stop()
@@ -133,13 +150,14 @@ def _echo(config: NodeConfig, args: argparse.Namespace) -> int:
 
 def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
     from dicom_node.outbox import summarize_outbox
-    from dicom_node.report import summarize
+    from dicom_node.report import summarize, summarize_jobs
     from storage.database import make_engine, make_sessionmaker
 
     engine = make_engine(config.storage.database_url)
     with make_sessionmaker(engine)() as session:
         summary = summarize(session, config.storage.path)
         outbox = summarize_outbox(session)
+        jobs = summarize_jobs(session)
     engine.dispose()
     print(f"patients   {summary.patients}")
     print(f"studies    {summary.studies}")
@@ -147,6 +165,14 @@ def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
     print(f"instances  {summary.instances}")
     print(f"stored     {summary.bytes_stored / 2**20:.1f} MiB in {config.storage.path}")
     print(f"free       {summary.bytes_free / 2**30:.1f} GiB (refuses C-STORE below {config.storage.min_free_mb} MiB)")
+    counts = ", ".join(f"{jobs.counts.get(s, 0)} {s}" for s in ("queued", "running", "done", "failed"))
+    print(f"jobs       {counts}")
+    for title, lines in (("queued", jobs.queued), ("running", jobs.running), ("failed", jobs.failed), ("result", jobs.recent)):
+        for line in lines:
+            when = line.at.strftime("%Y-%m-%d %H:%M:%S") if line.at else "-"
+            hint = f" (dicom-node retry {line.id})" if title == "failed" else ""
+            print(f"  {title:8} job {line.id} {when} {line.modality} \"{line.description}\" {line.series_instance_uid} "
+                  f"run {line.run}, attempt {line.attempts}: {line.detail}{hint}")
     print(f"deliveries {outbox.pending} pending, {outbox.sent} sent, {len(outbox.failed)} failed")
     for delivery in outbox.failed:
         print(f"  failed   id {delivery.id}: {delivery.sop_instance_uid} to {delivery.destination}, "
@@ -168,6 +194,43 @@ def _resend(config: NodeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _retry(config: NodeConfig, args: argparse.Namespace) -> int:
+    from dicom_node.jobs import retry_failed
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url, writer=True)
+    queued = retry_failed(make_sessionmaker(engine), args.job)
+    engine.dispose()
+    if not queued:
+        print(f"error: no finished job {args.job} (queued and running jobs run anyway)", file=sys.stderr)
+        return 2
+    print(f"job {args.job} queued; the running node starts it within {config.jobs.poll_s:g} s")
+    return 0
+
+
+def _analyze(config: NodeConfig, args: argparse.Namespace) -> int:
+    from dicom_node.analyze import SUMMARY_FILE, analyze_folder
+
+    if not args.path.is_dir():
+        print(f"error: {args.path} is not a folder", file=sys.stderr)
+        return 2
+    if args.model is None and not config.routes:
+        print(f"error: {config.source} has no [[routes]]; pass --model CHECKPOINT", file=sys.stderr)
+        return 2
+    if args.model is not None and not args.model.is_dir():
+        print(f"error: {args.model} is not a model folder", file=sys.stderr)
+        return 2
+    summaries = analyze_folder(args.path, args.out, config, args.model, args.question, config.jobs.device)
+    for entry in summaries:
+        lesions = entry.get("lesions", [])
+        outcome = entry.get("error") or (f"{len(lesions)} finding(s): " + ", ".join(
+            f"{l['label']} {l['volume_ml']:.1f} mL ({l['reliability']})" for l in lesions) if lesions else
+            entry.get("reason") and f"{entry['assessment']}: {entry['reason']}" or "no findings")
+        print(f"{entry.get('modality', '?'):3} {entry['series_instance_uid']}: {outcome}")
+    print(f"{len(summaries)} series; results and {SUMMARY_FILE} in {args.out}")
+    return 1 if any("error" in entry for entry in summaries) else 0
+
+
 def _config_check(config: NodeConfig, _args: argparse.Namespace) -> int:
     node = config.node
     print(f"{config.source}: OK")
@@ -178,6 +241,15 @@ def _config_check(config: NodeConfig, _args: argparse.Namespace) -> int:
     for peer in config.peers:
         allowed = ", ".join(sorted(p.value for p in peer.allow))
         print(f"peer       {peer.ae_title} at {peer.host or 'any host'}:{peer.port} may {allowed}")
+    jobs = config.jobs
+    print(f"jobs       complete after {jobs.completion_wait_s:g} s quiet; late arrivals: {jobs.on_late_arrival.value}; "
+          f"{jobs.workers} worker(s), {jobs.max_attempts} attempts, device {jobs.device}")
+    for route in config.routes:
+        where = f" from {', '.join(sorted(route.peers))}" if route.peers else ""
+        described = f" described {route.series_description!r}" if route.series_description else ""
+        print(f"route      {route.name}: {', '.join(sorted(route.modalities))}{where}{described} -> {route.model}")
+    if not config.routes:
+        print("route      none: every series is stored only")
     return 0
 
 

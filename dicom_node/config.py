@@ -9,7 +9,9 @@ the same whatever directory it is started from.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -90,6 +92,7 @@ class Peer:
     port: int = 104
     allow: frozenset[Permission] = frozenset({Permission.ECHO, Permission.STORE, Permission.FIND})
     results: frozenset[str] = frozenset(RESULT_KINDS)  # with "destination": which of the node's results it gets
+    completion_wait_s: float | None = None  # overrides jobs.completion_wait_s for series this peer sends
 
     def may(self, permission: Permission) -> bool:
         return permission in self.allow
@@ -103,12 +106,64 @@ class Peer:
         return address == self.host or address in _resolve(self.host)
 
 
+class LateArrival(str, Enum):
+    """What an instance arriving after its series was judged complete does."""
+
+    RERUN = "rerun"  # the series is interpreted again, as a new version of the results
+    IGNORE = "ignore"  # stored only; the results already sent stand
+
+
+@dataclass(frozen=True)
+class JobsSection:
+    """[jobs]: when a series counts as complete and how its interpretation is run and retried."""
+
+    completion_wait_s: float = 30.0
+    on_late_arrival: LateArrival = LateArrival.RERUN
+    workers: int = 1
+    max_attempts: int = 3
+    retry_delay_s: float = 60.0
+    poll_s: float = 1.0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which series are interpreted, with which question and model; the first matching route wins."""
+
+    name: str
+    model: Path
+    modalities: frozenset[str] = frozenset({"CT", "MR"})
+    peers: frozenset[str] = frozenset()  # calling AE titles; empty: from any peer
+    series_description: str = ""  # shell-style pattern, case-insensitive; empty: any
+    question: str = ""  # empty: UniBiomed's grounded-recognition question for the modality
+    target: str = ""  # the label of a bare [SEG] in answers to a targeted question
+
+    def matches(self, modality: str, calling_ae_title: str, series_description: str) -> bool:
+        if modality.upper() not in self.modalities:
+            return False
+        if self.peers and calling_ae_title.strip() not in self.peers:
+            return False
+        return not self.series_description or fnmatch.fnmatch(series_description.lower(), self.series_description.lower())
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     storage: StorageSection = field(default_factory=StorageSection)
     peers: tuple[Peer, ...] = ()
     source: Path | None = None
+    jobs: JobsSection = field(default_factory=JobsSection)
+    routes: tuple[Route, ...] = ()
+
+    def route_for(self, modality: str, calling_ae_title: str, series_description: str) -> Route | None:
+        """The route that interprets such a series, or None: stored only."""
+        return next((r for r in self.routes if r.matches(modality, calling_ae_title, series_description)), None)
+
+    def completion_wait_s(self, calling_ae_title: str) -> float:
+        peer = self.peer(calling_ae_title)
+        if peer is not None and peer.completion_wait_s is not None:
+            return peer.completion_wait_s
+        return self.jobs.completion_wait_s
 
     def destinations(self, kind: str) -> list[Peer]:
         """Peers that receive results of this kind ("seg" or "sr")."""
@@ -143,7 +198,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> NodeConfig:
 
 def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
     """Validate an already-parsed TOML document (split out so tests need no file)."""
-    _reject_unknown(raw, {"node", "storage", "peers"}, "")
+    _reject_unknown(raw, {"node", "storage", "peers", "jobs", "routes"}, "")
     node = _parse_node(_table(raw, "node"), base_dir)
     storage = _parse_storage(_table(raw, "storage"), base_dir)
     peers_raw = raw.get("peers", [])
@@ -155,7 +210,69 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         if peer.ae_title in seen:
             raise ConfigError(f"peers[{i}].ae_title", f"{peer.ae_title!r} is listed twice")
         seen.add(peer.ae_title)
-    return NodeConfig(node=node, storage=storage, peers=peers, source=source)
+    jobs = _parse_jobs(_table(raw, "jobs"))
+    routes_raw = raw.get("routes", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError("routes", "must be an array of tables ([[routes]])")
+    routes = tuple(_parse_route(r, f"routes[{i}]", base_dir) for i, r in enumerate(routes_raw))
+    names = [r.name for r in routes]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"routes[{i}].name", f"{name!r} is listed twice")
+    return NodeConfig(node=node, storage=storage, peers=peers, source=source, jobs=jobs, routes=routes)
+
+
+def _parse_jobs(raw: dict[str, Any]) -> JobsSection:
+    defaults = JobsSection()
+    _reject_unknown(raw, set(JobsSection.__dataclass_fields__), "jobs.")
+    late = _get(raw, "jobs.on_late_arrival", str, defaults.on_late_arrival.value)
+    try:
+        on_late = LateArrival(late)
+    except ValueError:
+        raise ConfigError("jobs.on_late_arrival", f"{late!r} must be \"rerun\" or \"ignore\"") from None
+    device = _get(raw, "jobs.device", str, defaults.device)
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ConfigError("jobs.device", f"{device!r} must be auto, cpu, cuda or cuda:N")
+    return JobsSection(
+        completion_wait_s=_get(raw, "jobs.completion_wait_s", float, defaults.completion_wait_s, minimum=0.0),
+        on_late_arrival=on_late,
+        workers=_positive(raw, "jobs.workers", int, defaults.workers),
+        max_attempts=_positive(raw, "jobs.max_attempts", int, defaults.max_attempts),
+        retry_delay_s=_get(raw, "jobs.retry_delay_s", float, defaults.retry_delay_s, minimum=0.0),
+        poll_s=_positive(raw, "jobs.poll_s", float, defaults.poll_s),
+        device=device,
+    )
+
+
+def _parse_route(raw: Any, key: str, base_dir: Path) -> Route:
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a table")
+    _reject_unknown(raw, set(Route.__dataclass_fields__), f"{key}.")
+    for required in ("name", "model"):
+        if required not in raw:
+            raise ConfigError(f"{key}.{required}", "is required")
+    model = base_dir / _get(raw, f"{key}.model", str, "")
+    if not model.is_dir():
+        raise ConfigError(f"{key}.model", f"{model} is not a model folder (a checkpoint with model_card.json, or a "
+                                          "UniBiomed folder with config.json)")
+    return Route(
+        name=_get(raw, f"{key}.name", str, ""),
+        model=model,
+        modalities=frozenset(m.upper() for m in _strings(raw, f"{key}.modalities", ["CT", "MR"], nonempty=True)),
+        peers=frozenset(validate_ae_title(p, f"{key}.peers") for p in _strings(raw, f"{key}.peers", [])),
+        series_description=_get(raw, f"{key}.series_description", str, ""),
+        question=_get(raw, f"{key}.question", str, ""),
+        target=_get(raw, f"{key}.target", str, ""),
+    )
+
+
+def _strings(raw: dict[str, Any], key: str, default: list[str], nonempty: bool = False) -> list[str]:
+    value = raw.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, f"must be a list of strings, got {value!r}")
+    if nonempty and not value:
+        raise ConfigError(key, "must not be empty")
+    return value
 
 
 def validate_ae_title(value: Any, key: str) -> str:
@@ -224,7 +341,7 @@ def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
 def _parse_peer(raw: Any, key: str) -> Peer:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
-    _reject_unknown(raw, {"ae_title", "host", "port", "allow", "results"}, f"{key}.")
+    _reject_unknown(raw, {"ae_title", "host", "port", "allow", "results", "completion_wait_s"}, f"{key}.")
     results = raw.get("results", list(RESULT_KINDS))
     if not isinstance(results, list) or any(r not in RESULT_KINDS for r in results):
         raise ConfigError(f"{key}.results", f"{results!r} must be a list of {', '.join(RESULT_KINDS)}")
@@ -246,6 +363,7 @@ def _parse_peer(raw: Any, key: str) -> Peer:
         port=_port(raw.get("port", 104), f"{key}.port"),
         allow=frozenset(allow),
         results=frozenset(results),
+        completion_wait_s=_get(raw, f"{key}.completion_wait_s", float, None, minimum=0.0) if "completion_wait_s" in raw else None,
     )
 
 

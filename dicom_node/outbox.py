@@ -55,16 +55,21 @@ def now_utc() -> datetime:
 def enqueue(sessions: sessionmaker[Session], sop_instance_uid: str, sop_class_uid: str, path: str, destination: str) -> int:
     """Queue an object for a destination (again, if it was there: a re-run replaces it in the PACS)."""
     with sessions() as session, session.begin():
-        delivery = session.scalar(select(Delivery).where(Delivery.sop_instance_uid == sop_instance_uid,
-                                                         Delivery.destination == destination))
-        if delivery is None:
-            delivery = Delivery(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, path=path,
-                                destination=destination, created_at=now_utc(), next_attempt_at=now_utc())
-            session.add(delivery)
-        else:
-            delivery.path, delivery.status, delivery.next_attempt_at = path, PENDING, now_utc()
-        session.flush()
-        return delivery.id
+        return add_delivery(session, sop_instance_uid, sop_class_uid, path, destination)
+
+
+def add_delivery(session: Session, sop_instance_uid: str, sop_class_uid: str, path: str, destination: str) -> int:
+    """enqueue() inside the caller's transaction (a job commits its results and their deliveries together)."""
+    delivery = session.scalar(select(Delivery).where(Delivery.sop_instance_uid == sop_instance_uid,
+                                                     Delivery.destination == destination))
+    if delivery is None:
+        delivery = Delivery(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, path=path,
+                            destination=destination, created_at=now_utc(), next_attempt_at=now_utc())
+        session.add(delivery)
+    else:
+        delivery.path, delivery.status, delivery.next_attempt_at = path, PENDING, now_utc()
+    session.flush()
+    return delivery.id
 
 
 @dataclass(frozen=True)
@@ -99,18 +104,28 @@ class DeliveryLoop:
     def __init__(self, config: NodeConfig, sessions: sessionmaker[Session], interval_s: float = 5.0,
                  policy: RetryPolicy = RetryPolicy()) -> None:
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(config, sessions, interval_s, policy),
                                         name="delivery", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def wake(self) -> None:
+        """Deliver now rather than at the next interval (new results are waiting)."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=60)
 
     def _run(self, config: NodeConfig, sessions: sessionmaker[Session], interval_s: float, policy: RetryPolicy) -> None:
-        while not self._stop.wait(interval_s):
+        while True:
+            self._wake.wait(interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 deliver_due(config, sessions, config.storage.path, policy)
             except Exception:  # noqa: BLE001 - the loop must outlive one bad round; the next one retries

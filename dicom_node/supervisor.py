@@ -42,8 +42,12 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
     writer_engine.dispose()
     from dicom_node.outbox import DeliveryLoop
 
+    from dicom_node.jobs import JobService
+
     delivery = DeliveryLoop(config, make_sessionmaker(engine))
     delivery.start()
+    jobs = JobService(config, on_results=delivery.wake)
+    jobs.start()
 
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -68,6 +72,7 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
                 delay = RESTART_DELAYS_S[min(failures[i], len(RESTART_DELAYS_S) - 1)]
                 logger.error("worker %d exited with %s; restarting it in %.0f s", worker.pid, worker.returncode, delay)
                 due[i] = now + delay
+    jobs.stop()
     delivery.stop()
     engine.dispose()
     logger.info("shutting down %d workers", len(workers))

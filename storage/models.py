@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -114,3 +114,41 @@ class DeliveryAttempt(Base):
     detail: Mapped[str] = mapped_column(String(255), default="")
 
     delivery: Mapped[Delivery] = relationship(back_populates="history")
+
+
+class SeriesCompletion(Base):
+    """How far the completion detector has dealt with a series: arrivals up to ``handled_through`` were
+    judged complete and either queued for interpretation or stored only. A later arrival re-opens it."""
+
+    __tablename__ = "series_completions"
+
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
+    handled_through: Mapped[datetime] = mapped_column(DateTime)
+    decision: Mapped[str] = mapped_column(String(32))  # "queued", "stored only", "late arrival ignored"
+    route: Mapped[str] = mapped_column(String(64), default="")
+
+
+class Job(Base):
+    """One interpretation of one series (``run`` counts re-runs after late arrivals): the node's work queue.
+
+    The row is the truth about a job; APScheduler's job store only holds when to next run it.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("series_fk", "run"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    run: Mapped[int] = mapped_column(Integer, default=1)
+    route: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued, running, done, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    arrivals_through: Mapped[datetime] = mapped_column(DateTime)  # the series' last arrival when queued
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    error: Mapped[str] = mapped_column(String(1000), default="")
+    summary: Mapped[str] = mapped_column(Text, default="")  # JSON: assessment, lesions, timings, output UIDs
+
+    series: Mapped[Series] = relationship()

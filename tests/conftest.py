@@ -132,3 +132,11 @@ def trained():
     return model, images, embeddings, [t.bool().numpy() for t in targets], parts
 
 
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(trained, tmp_path_factory) -> Path:
+    """The tiny trained model saved as a checkpoint folder, for nodes started as separate processes."""
+    folder = tmp_path_factory.mktemp("checkpoint") / "tiny"
+    trained[0].save(folder)
+    return folder

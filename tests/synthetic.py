@@ -53,3 +53,25 @@ def write_slices(folder: Path, positions: Sequence[Sequence[float]], *, modality
 
 def axial_positions(n: int, step: float = 2.0, start: float = -10.0) -> list[list[float]]:
     return [[-10.0, -20.0, start + step * k] for k in range(n)]
+
+
+def toy_ct_images(pattern: str) -> list[np.ndarray]:
+    """256x256 CT slices (HU) that the tiny test model (conftest ``trained``) was taught: "F" a slice with its two
+    findings (a lung nodule, a kidney tumour), "-" a slice with no findings. In the soft-tissue window they give
+    exactly the model's training images."""
+    images = []
+    for kind in pattern:
+        if kind == "F":
+            hu = np.full((256, 256), -1000, np.int16)  # air: 0.0 in the window
+            hu[30:70, 30:70] = 240  # 1.0
+            hu[180:220, 160:230] = 160  # 0.8
+        else:
+            hu = np.full((256, 256), -40, np.int16)  # 0.3
+        images.append(hu)
+    return images
+
+
+def write_toy_ct(folder: Path, pattern: str = "-FFF--", description: str = "Toy axial") -> list[Path]:
+    from benchmarks.ct_series import write_ct_slices
+
+    return write_ct_slices(folder, toy_ct_images(pattern), field_of_view_mm=256.0, description=description)

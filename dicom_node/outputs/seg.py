@@ -48,8 +48,10 @@ def segment_labels(lesions: list[Lesion]) -> list[str]:
     return labels
 
 
-def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], algorithm: AlgorithmInfo) -> hd.seg.Segmentation:
-    """The SEG for ``lesions`` found on ``volume``; ``sources`` are the series' instances (any order)."""
+def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], algorithm: AlgorithmInfo,
+              run: int = 1) -> hd.seg.Segmentation:
+    """The SEG for ``lesions`` found on ``volume``; ``sources`` are the series' instances (any order);
+    ``run`` numbers the interpretation of the series (see output_uids)."""
     if not lesions:
         raise OutputError("a SEG needs at least one lesion; a series without findings gets an SR only")
     ordered = sources_with_type2(sources, volume)
@@ -68,7 +70,7 @@ def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], alg
         )
         for number, (label, lesion) in enumerate(zip(segment_labels(lesions), lesions), start=1)
     ]
-    series_uid, sop_uid = output_uids(volume.series_instance_uid, algorithm.version, "SEG")
+    series_uid, sop_uid = output_uids(volume.series_instance_uid, algorithm.version, "SEG", run)
     return hd.seg.Segmentation(
         source_images=ordered,
         pixel_array=pixels,
@@ -77,7 +79,7 @@ def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], alg
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=run,
         manufacturer="dicom-node",
         manufacturer_model_name=algorithm.name,
         software_versions=f"dicom-node {__version__}; model {algorithm.version}",

@@ -37,7 +37,7 @@ RATIO = Code("1", "UCUM", "no units")
 
 
 def build_sr(sources: list[Dataset], volume: Volume, result: SeriesResult, seg: Dataset | None,
-             algorithm: AlgorithmInfo) -> hd.sr.Comprehensive3DSR:
+             algorithm: AlgorithmInfo, run: int = 1) -> hd.sr.Comprehensive3DSR:
     """The report for ``result``; ``seg`` is the SEG built for its lesions (None when there are none)."""
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
@@ -59,7 +59,7 @@ def build_sr(sources: list[Dataset], volume: Volume, result: SeriesResult, seg: 
         procedure_reported=PROCEDURES.get(volume.modality, IMAGING),
         imaging_measurements=groups,
     )
-    series_uid, sop_uid = output_uids(volume.series_instance_uid, algorithm.version, "SR")
+    series_uid, sop_uid = output_uids(volume.series_instance_uid, algorithm.version, "SR", run)
     evidence = sources_with_type2(sources, volume) + ([seg] if seg is not None else [])
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -67,7 +67,7 @@ def build_sr(sources: list[Dataset], volume: Volume, result: SeriesResult, seg: 
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=run,
         manufacturer="dicom-node",
         is_complete=True,
         series_description=f"AI report ({algorithm.name} {algorithm.version}) - not for diagnosis"[:64],

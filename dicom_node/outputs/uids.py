@@ -13,7 +13,12 @@ def stable_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(NAMESPACE, chr(31).join(parts)).int}"
 
 
-def output_uids(source_series_uid: str, model_version: str, kind: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of the ``kind`` ("SEG" or "SR") object for a source series."""
-    return (stable_uid(source_series_uid, model_version, kind, "series"),
-            stable_uid(source_series_uid, model_version, kind, "instance"))
+def output_uids(source_series_uid: str, model_version: str, kind: str, run: int = 1) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the ``kind`` ("SEG" or "SR") object for a source series.
+
+    ``run`` counts interpretations of the series (a re-run after late arrivals is run 2): a new run is a new
+    object, never an overwrite of what a radiologist may already have read; a retry of a run is the same one.
+    """
+    extra = () if run == 1 else (f"run {run}",)
+    return (stable_uid(source_series_uid, model_version, kind, "series", *extra),
+            stable_uid(source_series_uid, model_version, kind, "instance", *extra))

@@ -1,0 +1,89 @@
+"""`dicom-node analyze`: the node's pipeline on a folder of DICOM files, without the network or the index.
+
+For administrators trying the node and for checking a model on local data: every series in the folder
+that a route (or ``--model``) covers is interpreted exactly as a received one would be, and its SEG, SR and
+a JSON summary are written to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.config import NodeConfig, Route
+from dicom_node.pipeline import Question, interpret_series
+from inference.model.loading import load_model
+from inference.model.protocol import GroundedModel
+from inference.slicing import SlicingError
+from storage.uids import InvalidUIDError, validate_uid
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class FolderSeries:
+    paths: list[Path]
+    modality: str
+    description: str
+
+
+def find_series(folder: Path) -> tuple[dict[str, FolderSeries], int]:
+    """Series UID -> its files, and the number of files that are not DICOM instances (skipped)."""
+    found: dict[str, FolderSeries] = {}
+    skipped = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "Modality", "SeriesDescription", "SOPClassUID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            skipped += 1
+            continue
+        uid = str(header.get("SeriesInstanceUID", ""))
+        if not uid:
+            skipped += 1
+            continue
+        entry = found.setdefault(uid, FolderSeries([], str(header.get("Modality", "")), str(header.get("SeriesDescription", ""))))
+        entry.paths.append(path)
+    return found, skipped
+
+
+def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path | None = None,
+                   question: str = "", device: str = "auto") -> list[dict]:
+    """Interpret every covered series under ``folder``; write ``out/<series UID>/{seg,sr}.dcm`` and summary.json."""
+    series, skipped = find_series(folder)
+    if skipped:
+        logger.info("%d files under %s are not DICOM instances; skipped", skipped, folder)
+    models: dict[Path, GroundedModel] = {}
+    summaries = []
+    for uid, entry in series.items():
+        route = (Route("--model", model_path, frozenset({entry.modality.upper()}), question=question) if model_path
+                 else config.route_for(entry.modality, "", entry.description))
+        if route is None:
+            summaries.append({"series_instance_uid": uid, "modality": entry.modality, "assessment": "stored only",
+                              "reason": "no route covers this series"})
+            continue
+        try:
+            folder_name = validate_uid(uid, "Series Instance UID")
+            if route.model not in models:
+                models[route.model] = load_model(route.model, device)
+            outputs = interpret_series(entry.paths, models[route.model], Question(route.question or question, route.target))
+        except (SlicingError, InvalidUIDError, OSError, ValueError) as exc:
+            logger.error("series %s: %s", uid, exc)
+            summaries.append({"series_instance_uid": uid, "modality": entry.modality, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        target = out / folder_name
+        target.mkdir(parents=True, exist_ok=True)
+        if outputs.seg is not None:
+            outputs.seg.save_as(target / "seg.dcm", enforce_file_format=True)
+        outputs.sr.save_as(target / "sr.dcm", enforce_file_format=True)
+        summaries.append(outputs.summary())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUMMARY_FILE).write_text(json.dumps(summaries, indent=2))
+    return summaries
