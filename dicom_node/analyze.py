@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import NodeConfig, Route
 from dicom_node.pipeline import Question, interpret_series
+from inference.model.litemedsam import WeightsError
 from inference.model.loading import load_model
 from inference.model.protocol import GroundedModel
 from inference.slicing import SlicingError
@@ -71,10 +72,9 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
             continue
         try:
             folder_name = validate_uid(uid, "Series Instance UID")
-            if route.model not in models:
-                models[route.model] = load_model(route.model, device)
-            outputs = interpret_series(entry.paths, models[route.model], Question(route.question or question, route.target))
-        except (SlicingError, InvalidUIDError, OSError, ValueError) as exc:
+            outputs = interpret_series(entry.paths, lambda: _cached(models, route.model, device),
+                                       Question(route.question or question, route.target))
+        except (SlicingError, WeightsError, InvalidUIDError, OSError, ValueError) as exc:
             logger.error("series %s: %s", uid, exc)
             summaries.append({"series_instance_uid": uid, "modality": entry.modality, "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -87,3 +87,9 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).write_text(json.dumps(summaries, indent=2))
     return summaries
+
+
+def _cached(models: dict[Path, GroundedModel], path: Path, device: str) -> GroundedModel:
+    if path not in models:
+        models[path] = load_model(path, device)
+    return models[path]

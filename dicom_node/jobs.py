@@ -154,8 +154,8 @@ class JobService:
             self.on_results()
 
     def work(self, claim: Claim) -> SeriesOutputs:
-        model = self.models.get(claim.route.model)
-        return interpret_series(claim.paths, model, Question(claim.route.question, claim.route.target), claim.run)
+        question = Question(claim.route.question, claim.route.target)
+        return interpret_series(claim.paths, lambda: self.models.get(claim.route.model), question, claim.run)
 
     def _claim(self, job_id: int) -> Claim | None:
         with self.sessions() as session, session.begin():

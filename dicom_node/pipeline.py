@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +83,11 @@ class SeriesOutputs:
         return [min(numbers), max(numbers)] if numbers else []
 
 
-def interpret_series(paths: list[Path], model: GroundedModel, question: Question = Question(), run: int = 1) -> SeriesOutputs:
+def interpret_series(paths: list[Path], model: GroundedModel | Callable[[], GroundedModel], question: Question = Question(),
+                     run: int = 1) -> SeriesOutputs:
     """Interpret the series in ``paths`` (one series; several stacks: the largest is interpreted).
+
+    ``model`` may be a function that returns it: it is then loaded only for a series that can be sliced.
 
     Raises the slicing pipeline's SlicingError when the series cannot be made into a volume (with the reason).
     """
@@ -98,6 +102,8 @@ def interpret_series(paths: list[Path], model: GroundedModel, question: Question
     sources = [ds for ds in headers if str(ds.SOPInstanceUID) in wanted]
     body_part = str(sources[0].get("BodyPartExamined", "")) if sources else ""
     loaded = time.perf_counter()
+    if callable(model) and not hasattr(model, "interpret"):
+        model = model()
     config = EngineConfig(question=question.text or None, target=question.target)
     result = interpret_volume(volume, model, config, body_part)
     interpreted = time.perf_counter()

@@ -99,12 +99,10 @@ def node_process(folder: Path, peers: list[dict], port: int | None = None) -> It
 
 def start_node(config: Path, port: int, folder: Path) -> RunningPeer:
     log = open(folder / "node.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV,
-    )
+    command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV)
     wait_for_port(port, process=process)
-    return RunningPeer("DICOM_NODE", port, process, folder)
+    return RunningPeer("DICOM_NODE", port, process, folder, command=command)
 
 
 @contextmanager
@@ -164,6 +162,18 @@ def orthanc(folder: Path, modalities: dict[str, list] | None = None, ae_title: s
 def orthanc_get(peer: RunningPeer, path: str) -> object:
     with urllib.request.urlopen(f"http://127.0.0.1:{peer.http_port}{path}", timeout=30) as response:
         return json.loads(response.read())
+
+
+def orthanc_post(peer: RunningPeer, path: str, body: bytes | dict, timeout_s: float = 120) -> object:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{peer.http_port}{path}", data=data, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def orthanc_file(peer: RunningPeer, instance_id: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{peer.http_port}/instances/{instance_id}/file", timeout=30) as response:
+        return response.read()
 
 
 def orthanc_find(peer: RunningPeer, level: str, query: dict[str, str]) -> list[dict]:
