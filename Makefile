@@ -7,9 +7,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config.toml
 
-# Debian packages: DCMTK (test clients, storescp), Orthanc (a real PACS), dicom3tools (dciodvfy), openssl (TLS tests).
-APT_PACKAGES := dcmtk orthanc dicom3tools openssl
+# Debian packages: DCMTK (test clients, storescp), Orthanc (a real PACS), dicom3tools (dciodvfy), openssl (TLS tests),
+# mricron-data (the Colin27 head MRI and its label maps, for the synthetic training data).
+APT_PACKAGES := dcmtk orthanc dicom3tools openssl mricron-data
 APT_TOOLS    := storescu Orthanc dciodvfy openssl
+APT_FILES    := /usr/share/mricron/templates/ch2better.nii.gz
 
 .PHONY: run test install system-packages benchmark clean
 
@@ -26,6 +28,7 @@ install: system-packages $(VENV)/.installed $(SEG_VENV)/.installed
 
 system-packages:
 	@missing=""; for tool in $(APT_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	for file in $(APT_FILES); do test -f $$file || missing="$$missing $$file"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages ($$missing missing): $(APT_PACKAGES)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -105,6 +105,7 @@ class JobService:
             interrupted = requeue_interrupted(session)
         if interrupted:
             logger.warning("jobs %s were running when the node stopped; queued again", interrupted)
+        threading.Thread(target=self._load_models, name="model-load", daemon=True).start()
         self.scheduler.start()
         self.scheduler.add_job(check, "interval", seconds=self.config.jobs.poll_s, id="completion-check",
                                replace_existing=True, executor="checks")
@@ -114,6 +115,14 @@ class JobService:
     def stop(self) -> None:
         """Stop scheduling; a job still running is left to the next start (it is queued again then)."""
         self.scheduler.shutdown(wait=False)
+
+    def _load_models(self) -> None:
+        """Load the routes' models at start: the first series does not wait for it, a broken model shows at once."""
+        for route in self.config.routes:
+            try:
+                self.models.get(route.model)
+            except Exception as exc:  # noqa: BLE001 - reported here; the jobs that need it fail with the reason
+                logger.error("route %s: cannot load the model in %s: %s", route.name, route.model, exc)
 
     # -- the periodic check -------------------------------------------------------------------------------
 

@@ -101,9 +101,9 @@ def interpret_series(paths: list[Path], model: GroundedModel | Callable[[], Grou
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     sources = [ds for ds in headers if str(ds.SOPInstanceUID) in wanted]
     body_part = str(sources[0].get("BodyPartExamined", "")) if sources else ""
-    loaded = time.perf_counter()
     if callable(model) and not hasattr(model, "interpret"):
         model = model()
+    loaded = time.perf_counter()
     config = EngineConfig(question=question.text or None, target=question.target)
     result = interpret_volume(volume, model, config, body_part)
     interpreted = time.perf_counter()
