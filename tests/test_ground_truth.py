@@ -103,7 +103,7 @@ def test_training_samples_use_the_inference_pipeline(tmp_path):
     seg_path = tmp_path / "seg.dcm"
     write_highdicom_seg(paths, masks).save_as(seg_path)
     samples = series_samples(paths, seg_path, size=32)
-    assert [s.answer for s in samples] == ["No findings."] * 2 + ["It is [SEG]. Neoplasm."] + ["No findings."] * 2
+    assert [s.answer for s in samples] == ["No findings."] * 2 + ["It is [SEG]. Tumor."] + ["No findings."] * 2  # "Tumor 1", unnumbered
     expected = prepare(volume, size=32)
     np.testing.assert_array_equal(samples[k].image, expected.images[k])
     drawn = np.zeros((1, 64, 48), dtype=bool)

@@ -8,6 +8,7 @@ what it later sees.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class SliceSample:
     labels: tuple[str, ...]  # finding label per mask, e.g. ("Liver tumor",)
     series_instance_uid: str
     slice_index: int
+    modality: str = ""
 
     @property
     def answer(self) -> str:
@@ -36,6 +38,12 @@ class SliceSample:
         if not self.labels:
             return NO_FINDINGS
         return " ".join(f"It is [SEG]. {label}." for label in self.labels)
+
+
+def finding_label(segment_label: str) -> str:
+    """"Liver tumor 2" -> "Liver tumor": the finding a segment shows, as the model says it (the node numbers
+    the segments of its own SEGs; annotation tools often do too)."""
+    return re.sub(r"[\s_-]*\d+$", "", segment_label.strip()) or segment_label.strip()
 
 
 def series_samples(series: list[Path], segmentation: Path, size: int = 256,
@@ -48,6 +56,6 @@ def series_samples(series: list[Path], segmentation: Path, size: int = 256,
     for k in range(len(volume.sources)):
         present = [s for s in segments if s.mask[k].any()]
         masks = model_input.transform.mask_to_model(np.stack([s.mask[k] for s in present])) if present else np.zeros((0, size, size), bool)
-        samples.append(SliceSample(model_input.images[k], masks, tuple(s.property_type or s.label for s in present),
-                                   volume.series_instance_uid, k))
+        samples.append(SliceSample(model_input.images[k], masks, tuple(finding_label(s.label) for s in present),
+                                   volume.series_instance_uid, k, volume.modality))
     return samples

@@ -1,0 +1,180 @@
+"""Where labelled series come from: the node's store, a folder of DICOM files, or the built-in synthesis.
+
+All three end as :class:`LabeledSeries`: the files of one DICOM series and a DICOM-SEG of its findings,
+with the subject (Patient ID) it belongs to, so that training reads DICOM through the inference pipeline and
+splits never put one subject on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from storage.models import Instance, Patient, Series, Study
+from training.anatomy import HEADS
+from training.dicom_io import SeriesHeader, write_ground_truth, write_series
+from training.synthesis import SyntheticStudy, brain_tumor_study, ct_study
+
+logger = logging.getLogger(__name__)
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+NODE_MANUFACTURER = "dicom-node"  # the node's own AI SEGs: not ground truth, even when a PACS sends them back
+
+
+@dataclass(frozen=True)
+class LabeledSeries:
+    subject: str
+    modality: str
+    series: list[Path]
+    segmentation: Path
+    labels: tuple[str, ...] = ()
+
+
+# -- a folder --------------------------------------------------------------------------------------------
+
+
+def from_folder(folder: Path, modality: str | None = None, label: str | None = None) -> list[LabeledSeries]:
+    """Every series under ``folder`` that a SEG in the folder refers to (the latest SEG per series)."""
+    series_files: dict[str, list[Path]] = {}
+    segs: dict[str, tuple[str, Path, tuple[str, ...]]] = {}  # referenced series -> (content date+time, path, labels)
+    info: dict[str, tuple[str, str]] = {}  # series -> (patient id, modality)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+            ground_truth = _ground_truth(ds)
+            if ground_truth is not None:
+                referenced, labels = ground_truth
+                stamp = f"{ds.get('ContentDate', '')}{ds.get('ContentTime', '')}{ds.get('InstanceNumber', '')}"
+                if referenced not in segs or stamp >= segs[referenced][0]:
+                    segs[referenced] = (stamp, path, labels)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        series_files.setdefault(uid, []).append(path)
+        info[uid] = (str(ds.get("PatientID", "")), str(ds.get("Modality", "")))
+    found = []
+    for uid, (_, seg, labels) in segs.items():
+        if uid not in series_files:
+            logger.warning("%s refers to series %s, which is not in %s; skipped", seg, uid, folder)
+            continue
+        subject, series_modality = info[uid]
+        found.append(LabeledSeries(subject or uid, series_modality, series_files[uid], seg, labels))
+    return _filtered(found, modality, label)
+
+
+def _ground_truth(ds) -> tuple[str, tuple[str, ...]] | None:  # type: ignore[no-untyped-def]
+    """(referenced series UID, segment labels) of a SEG that may serve as ground truth, else None."""
+    if str(ds.get("Manufacturer", "")).startswith(NODE_MANUFACTURER) and "synthetic" not in str(ds.get("Manufacturer", "")):
+        return None
+    referenced = ds.get("ReferencedSeriesSequence")
+    if not referenced:
+        return None
+    labels = tuple(str(s.SegmentLabel) for s in ds.get("SegmentSequence", []))
+    return str(referenced[0].SeriesInstanceUID), labels
+
+
+def _filtered(found: list[LabeledSeries], modality: str | None, label: str | None) -> list[LabeledSeries]:
+    if modality:
+        found = [f for f in found if f.modality.upper() == modality.upper()]
+    if label:
+        found = [f for f in found if any(label.lower() in l.lower() for l in f.labels)]
+    return found
+
+
+# -- the node's store ------------------------------------------------------------------------------------
+
+
+def from_store(session: Session, storage: Path, modality: str | None = None, label: str | None = None,
+               since: date | None = None) -> list[LabeledSeries]:
+    """Series in the node's store with a ground-truth SEG (a radiologist's, sent to the node), latest SEG each."""
+    rows = session.execute(
+        select(Instance.path, Instance.received_at).join(Series).join(Study)
+        .where(Series.modality == "SEG", Instance.sop_class_uid == SEG_SOP_CLASS)
+        .where(*([Study.study_date >= since.strftime("%Y%m%d")] if since else []))
+        .order_by(Instance.received_at)
+    ).all()
+    latest: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    for path, _ in rows:
+        ds = dcmread(storage / path, stop_before_pixels=True)
+        ground_truth = _ground_truth(ds)
+        if ground_truth is not None:
+            latest[ground_truth[0]] = (storage / path, ground_truth[1])
+    found = []
+    for uid, (seg, labels) in latest.items():
+        series = session.scalar(select(Series).where(Series.series_instance_uid == uid))
+        if series is None:
+            logger.warning("a SEG refers to series %s, which the node does not hold; skipped", uid)
+            continue
+        paths = [storage / p for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))]
+        patient = session.scalar(select(Patient.patient_id).join(Study).where(Study.id == series.study_fk))
+        found.append(LabeledSeries(patient or uid, series.modality, paths, seg, labels))
+    return _filtered(found, modality, label)
+
+
+# -- synthesis -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """How much synthetic data: subjects per kind; about a quarter of each kind has no lesion."""
+
+    mr_subjects: int = 24
+    ct_subjects: int = 24
+    seed: int = 0
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec()) -> list[LabeledSeries]:
+    """Write (once: reused when ``folder`` holds this spec) the synthetic studies as DICOM + SEG; list them."""
+    marker = folder / f"complete-{spec.digest()}.json"
+    if not marker.is_file():
+        heads = {name: load() for name, load in HEADS.items()}
+        for i in range(spec.mr_subjects):
+            rng = np.random.default_rng([spec.seed, 1, i])
+            head = heads[list(heads)[i % len(heads)]]
+            study = brain_tumor_study(head, rng, positive=i % 4 != 3)
+            _write_study(folder, f"SYN-MR-{i:04d}", study, default_label="Brain tumor")
+        for i in range(spec.ct_subjects):
+            rng = np.random.default_rng([spec.seed, 2, i])
+            region = "abdomen" if i % 2 == 0 else "chest"
+            lesions = 0 if i % 4 == 3 else int(rng.integers(1, 3))
+            study = ct_study(rng, region, lesions)
+            _write_study(folder, f"SYN-CT-{i:04d}", study, default_label="Liver tumor" if region == "abdomen" else "Lung nodule")
+        marker.write_text(json.dumps(spec.__dict__))
+    return from_folder(folder)
+
+
+def _write_study(folder: Path, subject: str, study: SyntheticStudy, default_label: str) -> None:
+    target = folder / subject
+    header = SeriesHeader(subject, study.modality, study.description, study.body_part)
+    paths = write_series(target / "series", study.voxels, header, study.pixel_mm, study.slice_mm)
+    masks = study.masks or {default_label: np.zeros(study.voxels.shape, bool)}
+    write_ground_truth(target / "seg.dcm", paths, masks)
+
+
+def split_by_subject(items: list[LabeledSeries], held_out: float = 0.25, seed: int = 0) -> tuple[list[LabeledSeries], list[LabeledSeries]]:
+    """(training, evaluation): whole subjects, about ``held_out`` of the subjects of each modality held out."""
+    train, evaluate = [], []
+    for modality in sorted({i.modality for i in items}):
+        subjects = sorted({i.subject for i in items if i.modality == modality})
+        order = np.random.default_rng([seed, len(subjects)]).permutation(len(subjects))
+        count = max(1, round(held_out * len(subjects))) if len(subjects) > 1 else 0
+        chosen = {subjects[k] for k in order[:count]}
+        for item in items:
+            if item.modality == modality:
+                (evaluate if item.subject in chosen else train).append(item)
+    return train, evaluate
