@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.config import NodeConfig, Route
+from dicom_node.config import ACTIVE_MODEL, NodeConfig, Route
 from dicom_node.pipeline import Question, interpret_series
 from inference.model.litemedsam import WeightsError
 from inference.model.loading import load_model
@@ -72,7 +72,7 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
             continue
         try:
             folder_name = validate_uid(uid, "Series Instance UID")
-            outputs = interpret_series(entry.paths, lambda: _cached(models, route.model, device),
+            outputs = interpret_series(entry.paths, lambda: _cached(models, _resolve(route.model, config), device),
                                        Question(route.question or question, route.target))
         except (SlicingError, WeightsError, InvalidUIDError, OSError, ValueError) as exc:
             logger.error("series %s: %s", uid, exc)
@@ -87,6 +87,20 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).write_text(json.dumps(summaries, indent=2))
     return summaries
+
+
+def _resolve(model: Path, config: NodeConfig) -> Path:
+    """A route's model = "active": the active version in the node's database, else the shipped model."""
+    if model != ACTIVE_MODEL:
+        return model
+    from dicom_node.model_registry import active_model
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url)
+    with make_sessionmaker(engine)() as session:
+        path = active_model(session)
+    engine.dispose()
+    return path
 
 
 def _cached(models: dict[Path, GroundedModel], path: Path, device: str) -> GroundedModel:

@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--question", default="", help="question to ask (default: the route's, else UniBiomed's recognition question)")
     analyze.set_defaults(func=_analyze)
 
+    from dicom_node.train_command import add_commands
+
+    add_commands(commands, common)
+
     config = commands.add_parser("config", parents=[common], help="configuration commands")
     config_commands = config.add_subparsers(title="config commands", metavar="ACTION")
     check = config_commands.add_parser("check", parents=[common], help="validate the config file and print the settings in force")
@@ -93,6 +97,7 @@ def _configure_logging(level: str) -> None:
     )
     if level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
 
 
 def _serve(config: NodeConfig, args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 
 RESULT_KINDS = ("seg", "sr")
+ACTIVE_MODEL = Path("active")  # a route's model = "active": the version `dicom-node model activate` chose
 
 
 class Permission(str, Enum):
@@ -147,6 +148,17 @@ class Route:
 
 
 @dataclass(frozen=True)
+class TrainingSection:
+    """[training]: an optional scheduled run on what arrived (series with a ground-truth SEG in the store).
+    It registers a new model version; an administrator activates it (`dicom-node model activate`)."""
+
+    schedule: str = ""  # crontab line, e.g. "0 2 * * *"; empty: no scheduled training
+    modality: str = ""
+    label: str = ""
+    steps: int = 1200
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     storage: StorageSection = field(default_factory=StorageSection)
@@ -154,6 +166,7 @@ class NodeConfig:
     source: Path | None = None
     jobs: JobsSection = field(default_factory=JobsSection)
     routes: tuple[Route, ...] = ()
+    training: TrainingSection = field(default_factory=TrainingSection)
 
     def route_for(self, modality: str, calling_ae_title: str, series_description: str) -> Route | None:
         """The route that interprets such a series, or None: stored only."""
@@ -198,7 +211,7 @@ def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> NodeConfig:
 
 def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
     """Validate an already-parsed TOML document (split out so tests need no file)."""
-    _reject_unknown(raw, {"node", "storage", "peers", "jobs", "routes"}, "")
+    _reject_unknown(raw, {"node", "storage", "peers", "jobs", "routes", "training"}, "")
     node = _parse_node(_table(raw, "node"), base_dir)
     storage = _parse_storage(_table(raw, "storage"), base_dir)
     peers_raw = raw.get("peers", [])
@@ -219,7 +232,26 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"routes[{i}].name", f"{name!r} is listed twice")
-    return NodeConfig(node=node, storage=storage, peers=peers, source=source, jobs=jobs, routes=routes)
+    training = _parse_training(_table(raw, "training"))
+    return NodeConfig(node=node, storage=storage, peers=peers, source=source, jobs=jobs, routes=routes, training=training)
+
+
+def _parse_training(raw: dict[str, Any]) -> TrainingSection:
+    _reject_unknown(raw, set(TrainingSection.__dataclass_fields__), "training.")
+    schedule = _get(raw, "training.schedule", str, "")
+    if schedule:
+        try:
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(schedule)
+        except ValueError as exc:
+            raise ConfigError("training.schedule", f"{schedule!r} is not a crontab line (\"0 2 * * *\" is 02:00 daily): {exc}") from None
+    return TrainingSection(
+        schedule=schedule,
+        modality=_get(raw, "training.modality", str, ""),
+        label=_get(raw, "training.label", str, ""),
+        steps=_positive(raw, "training.steps", int, TrainingSection.steps),
+    )
 
 
 def _parse_jobs(raw: dict[str, Any]) -> JobsSection:
@@ -251,8 +283,9 @@ def _parse_route(raw: Any, key: str, base_dir: Path) -> Route:
     for required in ("name", "model"):
         if required not in raw:
             raise ConfigError(f"{key}.{required}", "is required")
-    model = base_dir / _get(raw, f"{key}.model", str, "")
-    if not model.is_dir():
+    name = _get(raw, f"{key}.model", str, "")
+    model = ACTIVE_MODEL if name == ACTIVE_MODEL.name else base_dir / name
+    if model != ACTIVE_MODEL and not model.is_dir():
         raise ConfigError(f"{key}.model", f"{model} is not a model folder (a checkpoint with model_card.json, or a "
                                           "UniBiomed folder with config.json)")
     return Route(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
 from dicom_node.completion import DONE, FAILED, QUEUED, RUNNING, detect_complete, requeue_interrupted
-from dicom_node.config import NodeConfig, Route
+from dicom_node.config import ACTIVE_MODEL, NodeConfig, Route
+from dicom_node.model_registry import active_model
 from dicom_node.outbox import add_delivery, now_utc
 from dicom_node.outputs.encode import encode
 from dicom_node.outputs.seg import OutputError
@@ -90,7 +93,8 @@ class JobService:
         self.started_at = now_utc()
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=make_engine(url), tablename="apscheduler_jobs")},
-            executors={"default": ThreadPoolExecutor(config.jobs.workers), "checks": ThreadPoolExecutor(1)},
+            executors={"default": ThreadPoolExecutor(config.jobs.workers), "checks": ThreadPoolExecutor(1),
+                       "training": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=timezone.utc,
         )
@@ -109,6 +113,15 @@ class JobService:
         self.scheduler.start()
         self.scheduler.add_job(check, "interval", seconds=self.config.jobs.poll_s, id="completion-check",
                                replace_existing=True, executor="checks")
+        if self.config.training.schedule:
+            from apscheduler.triggers.cron import CronTrigger
+            from tzlocal import get_localzone
+
+            trigger = CronTrigger.from_crontab(self.config.training.schedule, timezone=get_localzone())
+            self.scheduler.add_job(scheduled_training, trigger, id="scheduled-training", replace_existing=True,
+                                   executor="training")
+        else:
+            self.scheduler.remove_job("scheduled-training") if self.scheduler.get_job("scheduled-training") else None
         logger.info("jobs: completion after %.0f s quiet, %d worker(s), %d route(s)", self.config.jobs.completion_wait_s,
                     self.config.jobs.workers, len(self.config.routes))
 
@@ -120,7 +133,7 @@ class JobService:
         """Load the routes' models at start: the first series does not wait for it, a broken model shows at once."""
         for route in self.config.routes:
             try:
-                self.models.get(route.model)
+                self.models.get(self.model_path(route))
             except Exception as exc:  # noqa: BLE001 - reported here; the jobs that need it fail with the reason
                 logger.error("route %s: cannot load the model in %s: %s", route.name, route.model, exc)
 
@@ -164,7 +177,28 @@ class JobService:
 
     def work(self, claim: Claim) -> SeriesOutputs:
         question = Question(claim.route.question, claim.route.target)
-        return interpret_series(claim.paths, lambda: self.models.get(claim.route.model), question, claim.run)
+        return interpret_series(claim.paths, lambda: self.models.get(self.model_path(claim.route)), question, claim.run)
+
+    def model_path(self, route: Route) -> Path:
+        """The route's checkpoint; for model = "active", the version an administrator activated (or the shipped one)."""
+        if route.model != ACTIVE_MODEL:
+            return route.model
+        with self.sessions() as session:
+            return active_model(session)
+
+    def train(self) -> int:
+        """The scheduled training run, in its own process (memory, and a crash there is not the node's)."""
+        command = [sys.executable, "-m", "dicom_node.cli", "train", "--from-store", "--quiet", "--config", str(self.config.source),
+                   "--steps", str(self.config.training.steps)]
+        command += ["--modality", self.config.training.modality] if self.config.training.modality else []
+        command += ["--label", self.config.training.label] if self.config.training.label else []
+        logger.info("scheduled training: %s", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            logger.info("scheduled training registered a new model (not active): %s", done.stdout.strip().splitlines()[0:1])
+        else:
+            logger.warning("scheduled training did not produce a model (exit %d): %s", done.returncode, done.stderr.strip()[-500:])
+        return done.returncode
 
     def _claim(self, job_id: int) -> Claim | None:
         with self.sessions() as session, session.begin():
@@ -245,6 +279,12 @@ def check() -> None:
     """APScheduler's interval job (a module-level function: the job store keeps a reference to it)."""
     if _service is not None:
         _service.check()
+
+
+def scheduled_training() -> None:
+    """APScheduler's cron job for [training] schedule."""
+    if _service is not None:
+        _service.train()
 
 
 def run_job(job_id: int) -> None:

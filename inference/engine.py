@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -23,6 +24,8 @@ from inference.reliability import level, semantic_entropy
 from inference.slicing import Volume
 
 logger = logging.getLogger(__name__)
+
+Observer = Callable[[int, Interpretation, SliceTransform], None]
 
 
 class Assessment(str, Enum):
@@ -57,7 +60,8 @@ class SeriesResult:
 
 
 def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig = EngineConfig(),
-                     body_part: str = "") -> SeriesResult:
+                     body_part: str = "", observe: Observer | None = None) -> SeriesResult:
+    """Interpret every slice with body in it; ``observe`` sees each slice's interpretation (evaluation)."""
     if not model.scope.covers(volume.modality, body_part):
         reason = (f"{volume.modality or 'unknown modality'}{' ' + body_part if body_part else ''} is outside the "
                   f"model's scope ({', '.join(model.scope.modalities)}{'; ' + ', '.join(model.scope.body_parts) if model.scope.body_parts else ''})")
@@ -73,6 +77,8 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
         interpretations = model.interpret(preparer.images(batch), question, samples=model.reliability.samples,
                                           temperature=model.reliability.temperature, seed=config.seed + start)
         for k, interpretation in zip(batch.tolist(), interpretations):
+            if observe is not None:
+                observe(k, interpretation, preparer.transform)
             findings.extend(_slice_findings(k, interpretation, preparer.transform, model, config))
     interpreted = time.perf_counter()
     lesions = aggregate(volume, findings, config.min_volume_ml)

@@ -152,3 +152,16 @@ class Job(Base):
     summary: Mapped[str] = mapped_column(Text, default="")  # JSON: assessment, lesions, timings, output UIDs
 
     series: Mapped[Series] = relationship()
+
+
+class ModelVersion(Base):
+    """A trained model the node knows. Training registers versions; only an administrator activates one."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    active: Mapped[bool] = mapped_column(default=False)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

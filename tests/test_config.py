@@ -51,6 +51,16 @@ def test_postgresql_url_is_kept_as_given(tmp_path):
         ({"peers": [{"ae_title": "PACS", "port": 0}]}, "peers[0].port"),
         ({"node": {"tls": {"certificate": "missing.crt", "private_key": "missing.key"}}}, "node.tls.certificate"),
         ({"node": {"tls": {"certificate": "x.crt"}}}, "node.tls.private_key"),
+        ({"jobs": {"on_late_arrival": "sometimes"}}, "jobs.on_late_arrival"),
+        ({"jobs": {"workers": 0}}, "jobs.workers"),
+        ({"jobs": {"device": "tpu"}}, "jobs.device"),
+        ({"jobs": {"completion_wait_s": -1}}, "jobs.completion_wait_s"),
+        ({"peers": [{"ae_title": "PACS", "completion_wait_s": "soon"}]}, "peers[0].completion_wait_s"),
+        ({"routes": [{"name": "ct", "model": "no/such/folder"}]}, "routes[0].model"),
+        ({"routes": [{"model": "active"}]}, "routes[0].name"),
+        ({"routes": [{"name": "ct", "model": "active", "modalities": []}]}, "routes[0].modalities"),
+        ({"routes": [{"name": "a", "model": "active"}, {"name": "a", "model": "active"}]}, "routes[1].name"),
+        ({"training": {"schedule": "every night"}}, "training.schedule"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path, raw, key):
@@ -79,3 +89,21 @@ def test_peer_host_may_be_a_name_and_ipv4_mapped_addresses_match():
     assert config.peer("A").accepts_host("127.0.0.1")
     assert config.peer("B").accepts_host("::ffff:127.0.0.1")
     assert not config.peer("A").accepts_host("192.0.2.7")
+
+
+def test_routes_pick_the_first_match_and_everything_else_is_stored_only(tmp_path):
+    from dicom_node.config import ACTIVE_MODEL
+
+    (tmp_path / "brain").mkdir()
+    config = parse_config({
+        "peers": [{"ae_title": "PACS", "completion_wait_s": 5}, {"ae_title": "CT1"}],
+        "jobs": {"completion_wait_s": 20},
+        "routes": [{"name": "neuro", "modalities": ["mr"], "series_description": "*t1*", "model": "brain"},
+                   {"name": "ct", "modalities": ["CT"], "peers": ["CT1"], "model": "active"}],
+    }, base_dir=tmp_path)
+    assert config.route_for("MR", "PACS", "AX T1 post").name == "neuro"
+    assert config.route_for("MR", "PACS", "AX FLAIR") is None
+    assert config.route_for("CT", "CT1", "").model == ACTIVE_MODEL
+    assert config.route_for("CT", "PACS", "") is None  # only from CT1
+    assert config.routes[0].model == tmp_path / "brain"
+    assert config.completion_wait_s("PACS") == 5 and config.completion_wait_s("CT1") == 20

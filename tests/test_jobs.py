@@ -22,9 +22,9 @@ from tests.synthetic import axial_positions, write_slices, write_toy_ct
 EPOCH = datetime(2000, 1, 1)
 
 
-def jobs_toml(model, wait=5.0, extra_jobs="", modalities=("CT",)) -> str:
+def jobs_toml(model, wait=5.0, extra_jobs="", modalities=("CT",), tail="") -> str:
     return (f"\n[jobs]\ncompletion_wait_s = {wait}\nretry_delay_s = 30\nmax_attempts = 2\npoll_s = 0.2\n{extra_jobs}\n"
-            f'[[routes]]\nname = "ct"\nmodalities = {json.dumps(list(modalities))}\nmodel = "{model}"\n')
+            f'[[routes]]\nname = "ct"\nmodalities = {json.dumps(list(modalities))}\nmodel = "{model}"\n{tail}\n')
 
 
 @pytest.fixture
@@ -212,3 +212,15 @@ def test_the_scheduler_interprets_a_routed_series_stores_the_results_and_queues_
     assert {d.destination for d in deliveries} == {"PACS"}
     seg = dcmread(config.storage.path / outputs["SEG"].path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == dcmread(source[0]).SeriesInstanceUID
+
+
+def test_scheduled_training_is_a_cron_job_that_registers_and_never_activates(node_factory, no_model, tmp_path):
+    node, config = node_factory(no_model, tail='\n[training]\nschedule = "30 2 * * *"\nsteps = 5\n')
+    service = JobService(dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, poll_s=60.0)))
+    service.start()
+    try:
+        job = service.scheduler.get_job("scheduled-training")
+        assert job is not None and job.next_run_time.hour == 2 and job.next_run_time.minute == 30
+    finally:
+        service.stop()
+    assert service.train() == 2  # nothing labelled in the store yet: no model, and nothing activated

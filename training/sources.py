@@ -76,12 +76,14 @@ def from_folder(folder: Path, modality: str | None = None, label: str | None = N
 
 def _ground_truth(ds) -> tuple[str, tuple[str, ...]] | None:  # type: ignore[no-untyped-def]
     """(referenced series UID, segment labels) of a SEG that may serve as ground truth, else None."""
-    if str(ds.get("Manufacturer", "")).startswith(NODE_MANUFACTURER) and "synthetic" not in str(ds.get("Manufacturer", "")):
-        return None
+    segments = ds.get("SegmentSequence", [])
+    automatic = all(str(s.get("SegmentAlgorithmType", "")) == "AUTOMATIC" for s in segments)
+    if str(ds.get("Manufacturer", "")) == NODE_MANUFACTURER and automatic:
+        return None  # the node's own answer, not a reader's
     referenced = ds.get("ReferencedSeriesSequence")
     if not referenced:
         return None
-    labels = tuple(str(s.SegmentLabel) for s in ds.get("SegmentSequence", []))
+    labels = tuple(str(s.SegmentLabel) for s in segments)
     return str(referenced[0].SeriesInstanceUID), labels
 
 

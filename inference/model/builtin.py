@@ -71,10 +71,11 @@ class BuiltinModel:
             raise WeightsError(f"{weights_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
 
-    def save(self, folder: Path) -> ModelCard:
-        """Write the trainable weights and the card (with their SHA-256) into ``folder``."""
+    def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> ModelCard:
+        """Write the trainable weights (as ``dtype``: bf16 halves the file) and the card (with their SHA-256)."""
         folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.network.trainable_state_dict().items()}
+        weights = {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in self.network.trainable_state_dict().items()}
         save_file(weights, folder / WEIGHTS_FILE, metadata={"format": "pt", "version": self.card.version})
         self.card = dataclasses.replace(self.card, weights_sha256=sha256_of(folder / WEIGHTS_FILE))
         (folder / CARD_FILE).write_text(self.card.to_json())

@@ -1,0 +1,77 @@
+"""Which model the routes marked ``model = "active"`` use: the version an administrator activated, or the
+checkpoint the node ships with until one is. Training only registers versions; it never activates one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from inference.model.card import CARD_FILE, ModelCard
+from storage.models import ModelVersion
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+class UnknownModelError(LookupError):
+    """No registered model version by that name."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    version: str
+    path: Path
+    active: bool
+    shipped: bool
+    card: ModelCard | None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def register(session: Session, folder: Path, version: str) -> None:
+    """Record a trained checkpoint (inactive); registering a version again updates its folder."""
+    row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if row is None:
+        session.add(ModelVersion(version=version, path=str(folder.resolve()), created_at=_now()))
+    else:
+        row.path = str(folder.resolve())
+
+
+def activate(session: Session, version: str) -> Path:
+    """Make ``version`` the active model (``shipped`` goes back to the shipped one); returns its folder."""
+    if version == "shipped":
+        session.execute(update(ModelVersion).values(active=False))
+        return SHIPPED_MODEL
+    row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if row is None:
+        raise UnknownModelError(version)
+    if not (Path(row.path) / CARD_FILE).is_file():
+        raise UnknownModelError(f"{version}: {row.path} no longer holds a checkpoint")
+    session.execute(update(ModelVersion).values(active=False))
+    row.active, row.activated_at = True, _now()
+    return Path(row.path)
+
+
+def active_model(session: Session) -> Path:
+    row = session.scalar(select(ModelVersion).where(ModelVersion.active.is_(True)))
+    return Path(row.path) if row is not None else SHIPPED_MODEL
+
+
+def list_models(session: Session) -> list[ModelEntry]:
+    rows = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at)).all()
+    active = any(r.active for r in rows)
+    entries = [ModelEntry("shipped", SHIPPED_MODEL, not active, True, _card(SHIPPED_MODEL))]
+    entries += [ModelEntry(r.version, Path(r.path), r.active, False, _card(Path(r.path))) for r in rows]
+    return entries
+
+
+def _card(folder: Path) -> ModelCard | None:
+    try:
+        return ModelCard.from_json((folder / CARD_FILE).read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

@@ -1,0 +1,146 @@
+"""`dicom-node train` and `dicom-node model list|activate`: the command-line side of training."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+from dicom_node.config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    train = commands.add_parser("train", parents=[common],
+                                help="train a model on series with ground-truth SEG; registers it, never activates it")
+    train.add_argument("--synthetic", action="store_true", help="the built-in synthetic data (the default when no source is named)")
+    train.add_argument("--mr-subjects", type=int, default=32, help="synthetic head MRIs (default 32)")
+    train.add_argument("--ct-subjects", type=int, default=32, help="synthetic CT phantoms (default 32)")
+    train.add_argument("--folder", type=Path, action="append", default=[], help="a folder of DICOM series and SEGs (repeatable)")
+    train.add_argument("--from-store", action="store_true", help="series in the node's store with a ground-truth SEG")
+    train.add_argument("--label", help="only series whose SEG has a segment label containing this text")
+    train.add_argument("--modality", help="only this modality (CT, MR)")
+    train.add_argument("--since", type=date.fromisoformat, help="only studies from this date (YYYY-MM-DD) on")
+    train.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
+    train.add_argument("--version", help="version name (default: train-<UTC time>)")
+    train.add_argument("--steps", type=int, help="optimiser steps (default: the trainer's, 1200)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
+    train.add_argument("--data", type=Path, help="folder for synthetic data and the encoder cache (default: <storage>/training)")
+    train.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=train_command)
+
+    model = commands.add_parser("model", parents=[common], help="list the models, activate one")
+    actions = model.add_subparsers(title="model commands", metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help="the shipped model and every trained version, with their figures")
+    listing.set_defaults(func=list_command)
+    activate = actions.add_parser("activate", parents=[common], help="make a version the one routes with model = \"active\" use")
+    activate.add_argument("version", metavar="VERSION", help='a version from `model list`, or "shipped"')
+    activate.set_defaults(func=activate_command)
+
+
+def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from storage.database import make_engine, make_sessionmaker
+    from training.run import TrainingDataError, TrainRequest, run_training
+    from training.sources import SyntheticSpec, from_folder, from_store, synthetic
+    from training.trainer import TrainConfig
+
+    version = args.version or datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
+    data = args.data or config.storage.path / "training"
+    out = args.out or config.storage.path / "models" / version
+    engine = make_engine(config.storage.database_url, writer=True)
+    sessions = make_sessionmaker(engine)
+    items, described = [], []
+    use_synthetic = args.synthetic or not (args.folder or args.from_store)
+    if use_synthetic:
+        spec = SyntheticSpec(args.mr_subjects, args.ct_subjects, args.seed)
+        items += synthetic(data / "synthetic", spec)
+        described.append(f"synthetic: {spec.mr_subjects} head MRIs (Colin27 and MNI152 anatomy) with brain tumours, "
+                         f"{spec.ct_subjects} CT phantoms (abdomen: liver and kidney tumours; chest: lung nodules), "
+                         "about a quarter without lesions")
+    for folder in args.folder:
+        items += from_folder(folder, args.modality, args.label)
+        described.append(f"folder {folder}")
+    if args.from_store:
+        with sessions() as session:
+            items += from_store(session, config.storage.path, args.modality, args.label, args.since)
+        described.append("the node's store" + (f" since {args.since}" if args.since else ""))
+    if args.modality:
+        items = [i for i in items if i.modality.upper() == args.modality.upper()]
+    request = TrainRequest(out=out, cache=data / "cache", version=version,
+                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed), resume=args.resume,
+                           device=config.jobs.device, description="; ".join(described),
+                           command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
+    try:
+        card = run_training(items, request)
+    except TrainingDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        engine.dispose()
+        return 2
+    if not args.no_register:
+        from dicom_node.model_registry import register
+
+        with sessions() as session, session.begin():
+            register(session, out, version)
+    engine.dispose()
+    print(f"model {version} written to {out}" + ("" if args.no_register else " and registered (not active: "
+          f"dicom-node model activate {version})"))
+    _print_metrics(card.metrics)
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    keys = ("lesion_sensitivity", "false_positives_per_volume", "mean_dice_detected_lesions", "finding_accuracy",
+            "slice_dice", "bleu1", "meteor", "rouge_l")
+    for group, values in metrics.items():
+        if group == "training":
+            continue
+        shown = ", ".join(f"{k} {values.get(k)}" for k in keys)
+        print(f"  {group:4} {values.get('volumes')} volumes: {shown}")
+
+
+def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
+    from dicom_node.model_registry import list_models
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url)
+    with make_sessionmaker(engine)() as session:
+        entries = list_models(session)
+    engine.dispose()
+    for entry in entries:
+        mark = "*" if entry.active else " "
+        if entry.card is None:
+            print(f"{mark} {entry.version:24} {entry.path} (no checkpoint there)")
+            continue
+        figures = {m: entry.card.metrics.get(m, {}) for m in entry.card.modalities}
+        shown = "; ".join(f"{m}: sensitivity {v.get('lesion_sensitivity')}, FP/volume {v.get('false_positives_per_volume')}, "
+                          f"Dice {v.get('mean_dice_detected_lesions')}" for m, v in figures.items() if v)
+        print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}) {shown}")
+        print(f"  {'':24} {entry.path}")
+    print("* = active (used by routes with model = \"active\")")
+    return 0
+
+
+def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from dicom_node.model_registry import UnknownModelError, activate
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url, writer=True)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            path = activate(session, args.version)
+    except UnknownModelError as exc:
+        print(f"error: no model {exc} (see dicom-node model list)", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"model {args.version} ({path}) is active; the running node uses it from its next job")
+    return 0
+
+
+

@@ -1,0 +1,250 @@
+"""Training: synthetic data on real anatomy, DICOM round trip, sources, split, trainer, evaluation, CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+
+from inference.ground_truth import read_segmentation
+from inference.slicing import load_series
+from tests.test_outputs_seg import dciodvfy_errors
+from training.dicom_io import SeriesHeader, write_ground_truth, write_series
+from training.sources import LabeledSeries, from_folder, split_by_subject
+from training.text_metrics import bleu1, meteor, rouge_l
+
+
+def test_text_metrics_follow_their_formulas():
+    answer = "It is [SEG]. Brain tumor."
+    assert bleu1(answer, answer) == rouge_l(answer, answer) == 1.0 and meteor(answer, answer) > 0.99
+    assert bleu1("No findings.", answer) == pytest.approx(np.exp(1 - 7 / 3) * 1 / 3)  # only "." matches
+    assert bleu1("It is [SEG]. Liver tumor.", answer) == pytest.approx(6 / 7)
+    assert rouge_l("It is [SEG]. Liver tumor.", answer) == pytest.approx(6 / 7)
+    # METEOR: 6 of 7 matched in two chunks: F-mean 6/7, penalty 0.5 * (2/6)^3.
+    assert meteor("It is [SEG]. Liver tumor.", answer) == pytest.approx(6 / 7 * (1 - 0.5 * (2 / 6) ** 3))
+
+
+def test_a_synthetic_brain_tumour_is_real_anatomy_with_a_visible_irregular_lesion():
+    from training.anatomy import colin27
+    from training.synthesis import brain_tumor_study
+
+    head = colin27()
+    study = brain_tumor_study(head, np.random.default_rng(5))
+    again = brain_tumor_study(head, np.random.default_rng(5))
+    np.testing.assert_array_equal(study.voxels, again.voxels)  # a seed is a subject
+    [(label, mask)] = study.masks.items()
+    assert label == "Brain tumor" and study.modality == "MR" and study.slice_mm == 5.0
+    assert 2 <= mask.any(axis=(1, 2)).sum() <= 10  # 14 to 44 mm across on 5 mm slices
+    ring = np.zeros_like(mask)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        from scipy import ndimage
+        ring[k] = ndimage.binary_dilation(mask[k], iterations=4) & ~ndimage.binary_dilation(mask[k], iterations=1)
+    around = np.median(study.voxels[ring])
+    differs = np.abs(study.voxels[mask] - around) / around > 0.2  # brighter, darker, or a bright rim round a dark core
+    assert differs.mean() > 0.5  # a lesion a reader can see
+    clear = brain_tumor_study(head, np.random.default_rng(6), positive=False)
+    assert clear.masks == {}
+
+
+@pytest.mark.parametrize("region,label", [("abdomen", None), ("chest", "Lung nodule")])
+def test_ct_phantoms_have_hounsfield_units_and_lesions_inside_their_organs(region, label):
+    from training.synthesis import ct_study
+
+    study = ct_study(np.random.default_rng(3), region, lesions=2)
+    hu = study.voxels
+    assert study.modality == "CT" and hu.shape[1:] == (256, 256)
+    assert np.median(hu[:, :8, :8]) == pytest.approx(-1000, abs=40)  # air outside the body
+    if region == "chest":
+        assert np.percentile(hu[:, 100:160, 60:100], 50) < -600  # lung
+    assert study.masks and (label is None or set(study.masks) == {label})
+    for mask in study.masks.values():
+        assert 0 < mask.sum() < 0.02 * mask.size
+        assert -100 < np.median(hu[mask]) < 250  # soft tissue, not air or bone
+
+
+def test_a_synthetic_study_round_trips_as_dicom_through_the_inference_pipeline(tmp_path):
+    rng = np.random.default_rng(0)
+    voxels = rng.normal(40, 10, (6, 32, 40)).astype(np.float32)
+    mask = np.zeros(voxels.shape, bool)
+    mask[2:4, 10:20, 12:25] = True
+    voxels[mask] = 120
+    paths = write_series(tmp_path / "ct", voxels, SeriesHeader("SUBJ-1", "CT", body_part="ABDOMEN"), 1.5, 5.0)
+    seg = write_ground_truth(tmp_path / "seg.dcm", paths, {"Liver tumor": mask})
+    assert dciodvfy_errors(seg) == []
+    volume = load_series(paths[::-1])
+    np.testing.assert_allclose(volume.voxels, np.round(voxels), atol=0.5)
+    assert volume.spacing == pytest.approx((1.5, 1.5, 5.0))
+    [segment] = read_segmentation(seg, volume)
+    assert segment.label == "Liver tumor"
+    np.testing.assert_array_equal(segment.mask, mask)
+    empty = write_ground_truth(tmp_path / "clear.dcm", paths, {"Liver tumor": np.zeros_like(mask)})
+    assert dciodvfy_errors(empty) == [] and not read_segmentation(empty, volume)[0].mask.any()
+    [item] = from_folder(tmp_path)  # the latest SEG per series
+    assert item.subject == "SUBJ-1" and item.modality == "CT" and item.segmentation == empty
+
+
+def test_the_split_never_puts_one_subject_on_both_sides():
+    items = [LabeledSeries(f"S{i // 2}", "CT" if i % 4 < 2 else "MR", [Path(f"{i}")], Path("seg")) for i in range(40)]
+    train, held_out = split_by_subject(items, held_out=0.25, seed=1)
+    assert {i.subject for i in train}.isdisjoint({i.subject for i in held_out})
+    assert len(train) + len(held_out) == 40
+    for modality in ("CT", "MR"):
+        subjects = {i.subject for i in held_out if i.modality == modality}
+        assert len(subjects) == 2  # a quarter of each modality's 10 subjects, rounded
+    assert split_by_subject(items, 0.25, 1) == (train, held_out)
+
+
+def test_the_store_gives_the_readers_latest_seg_and_never_the_nodes_own(running_node, tmp_path):
+    from dicom_node.outputs.seg import AlgorithmInfo, build_seg
+    from inference.findings import SliceFinding, aggregate
+    from inference.reliability import Reliability
+    from tests.localpeers import storescu
+    from training.sources import from_store
+
+    voxels = np.full((4, 32, 32), 40.0, np.float32)
+    mask = np.zeros(voxels.shape, bool)
+    mask[1:3, 5:15, 5:15] = True
+    paths = write_series(tmp_path / "ct", voxels, SeriesHeader("SUBJ-9", "CT"), 1.0, 5.0)
+    reader = write_ground_truth(tmp_path / "gt" / "reader.dcm", paths, {"Kidney tumor": mask})
+    volume = load_series(paths)
+    lesions = aggregate(volume, [SliceFinding(k, "Liver tumor", mask[k], 0.9, Reliability.HIGH) for k in (1, 2)], 0.0)
+    ours = build_seg([dcmread(p) for p in paths], volume, lesions, AlgorithmInfo("dicom-node built-in", "1"))
+    ours.save_as(tmp_path / "gt" / "ours.dcm")
+    result = storescu(running_node.port, paths + [reader, tmp_path / "gt" / "ours.dcm"], "DICOM_NODE", extra=["-R"])
+    assert result.returncode == 0, result.stderr
+    with running_node.node.sessions() as session:
+        found = from_store(session, running_node.config.storage.path)
+        assert from_store(session, running_node.config.storage.path, modality="MR") == []
+        assert from_store(session, running_node.config.storage.path, label="kidney") == found
+    [item] = found
+    assert item.subject == "SUBJ-9" and item.labels == ("Kidney tumor",) and len(item.series) == 4
+    assert dcmread(item.segmentation).SOPInstanceUID == dcmread(reader).SOPInstanceUID
+
+
+def tiny_training_set():
+    from training.dataset import SliceSample
+    from training.trainer import TrainingSet
+
+    rng = np.random.default_rng(0)
+    samples, masks = [], np.zeros((1, 256, 256), bool)
+    masks[0, 100:140, 100:140] = True
+    for i in range(4):
+        positive = i % 2 == 0
+        samples.append(SliceSample(np.zeros((256, 256), np.float32), masks if positive else np.zeros((0, 256, 256), bool),
+                                   ("Liver tumor",) if positive else (), "1.2.3", i, "CT"))
+    return TrainingSet(samples, torch.from_numpy(rng.normal(size=(4, 256, 64, 64)).astype(np.float32)).to(torch.bfloat16))
+
+
+def test_training_resumes_exactly_where_it_stopped(tmp_path):
+    from inference.model.builtin import BuiltinModel
+    from tests.conftest import tiny_card
+    from training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, warmup_steps=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        return BuiltinModel.new(tiny_card())
+
+    straight = fresh()
+    Trainer(straight, tiny_training_set(), config, tmp_path / "a").train(progress=False)
+    interrupted = fresh()
+    Trainer(interrupted, tiny_training_set(), config, tmp_path / "b").train(progress=False, until=2)  # then "killed"
+    resumed = fresh()
+    trainer = Trainer(resumed, tiny_training_set(), config, tmp_path / "b")
+    assert trainer.resume() and trainer.step == 2
+    history = trainer.train(progress=False)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    for (name, a), b in zip(straight.network.trainable_state_dict().items(), resumed.network.trainable_state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+class OracleModel:
+    """Answers with whatever is brighter than the window (the lesions the test draws), or misses everything."""
+
+    input_size = 64
+    version = "oracle"
+
+    def __init__(self, blind=False):
+        from inference.model.card import ReliabilityPolicy
+        from inference.model.protocol import ModelScope
+        from inference.preprocess import Normalization
+
+        self.blind, self.scope, self.normalization = blind, ModelScope(("CT",)), Normalization()
+        self.reliability = ReliabilityPolicy(samples=2)
+
+    def interpret(self, images, question, samples=0, temperature=0.7, seed=0):
+        from inference.model.protocol import Answer, Interpretation
+
+        out = []
+        for image in images:
+            mask = image > 0.95
+            if mask.any() and not self.blind:
+                answer = Answer("It is [SEG]. Liver tumor.", mask[None], np.array([0.9], np.float32))
+                out.append(Interpretation(answer, (answer,) * samples))
+            else:
+                out.append(Interpretation(Answer("No findings.", np.zeros((0, 64, 64), bool))))
+        return out
+
+
+def test_evaluation_scores_a_perfect_and_a_blind_model_through_the_engine(tmp_path):
+    from training.evaluate import evaluate
+
+    voxels = np.full((8, 64, 64), 40.0, np.float32)
+    mask = np.zeros(voxels.shape, bool)
+    mask[2:5, 20:40, 22:40] = True
+    mask[6, 50:56, 50:56] = True  # a second lesion, one slice
+    voxels[mask] = 400.0
+    paths = write_series(tmp_path / "ct", voxels, SeriesHeader("S1", "CT"), 1.0, 5.0)
+    item = LabeledSeries("S1", "CT", paths, write_ground_truth(tmp_path / "seg.dcm", paths, {"Liver tumor": mask}), ("Liver tumor",))
+
+    perfect = evaluate([item], OracleModel())["CT"]
+    assert perfect["true_lesions"] == 2 and perfect["lesion_sensitivity"] == 1.0
+    assert perfect["false_positives_per_volume"] == 0.0 and perfect["mean_dice_detected_lesions"] == 1.0
+    assert perfect["finding_accuracy"] == 1.0 and perfect["bleu1"] == 1.0 and perfect["slice_dice"] == 1.0
+    assert perfect["reliability_calibration"] == {"high": {"slices": 4, "error_rate": 0.0}}
+    blind = evaluate([item], OracleModel(blind=True))["CT"]
+    assert blind["lesion_sensitivity"] == 0.0 and blind["finding_accuracy"] == pytest.approx(4 / 8)
+    assert blind["mean_dice_detected_lesions"] is None and blind["slice_dice"] == 0.0
+
+
+@pytest.mark.slow
+def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_path, capsys):
+    from dicom_node.cli import main
+    from dicom_node.config import load_config
+    from dicom_node.jobs import JobService
+    from dicom_node.model_registry import SHIPPED_MODEL
+    from tests.localpeers import write_node_config
+
+    for subject in ("A", "B"):
+        voxels = np.full((4, 48, 48), -1000.0, np.float32)
+        voxels[:, 4:44, 4:44] = 40.0
+        mask = np.zeros(voxels.shape, bool)
+        mask[1:3, 15:30, 15:30] = True
+        voxels[mask] = 150.0
+        paths = write_series(tmp_path / "data" / subject, voxels, SeriesHeader(subject, "CT"), 5.0, 5.0)
+        write_ground_truth(tmp_path / "data" / subject / "seg.dcm", paths, {"Liver tumor": mask})
+    config_path = write_node_config(tmp_path / "node", 11112, [], extra='\n[[routes]]\nname = "all"\nmodel = "active"\n')
+    out = tmp_path / "model"
+    assert main(["train", "--folder", str(tmp_path / "data"), "--steps", "2", "--out", str(out), "--version", "v-test",
+                 "--quiet", "--config", str(config_path)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["version"] == "v-test" and card["findings"] == ["Liver tumor"]
+    assert card["metrics"]["training"]["subjects"] == 1 and card["metrics"]["CT"]["volumes"] == 1
+    assert (out / "model.safetensors").stat().st_size < 25 * 2**20
+    printed = capsys.readouterr().out
+    assert "registered (not active" in printed
+
+    config = load_config(config_path)
+    service = JobService(config)
+    assert service.model_path(config.routes[0]) == SHIPPED_MODEL  # training never activates
+    assert main(["model", "list", "--config", str(config_path)]) == 0
+    listing = capsys.readouterr().out
+    assert "v-test" in listing and "* shipped" in listing
+    assert main(["model", "activate", "v-test", "--config", str(config_path)]) == 0
+    assert service.model_path(config.routes[0]) == out.resolve()
+    assert main(["model", "activate", "nothing", "--config", str(config_path)]) == 2
+    assert main(["model", "activate", "shipped", "--config", str(config_path)]) == 0
+    assert service.model_path(config.routes[0]) == SHIPPED_MODEL

@@ -1,0 +1,60 @@
+"""Frozen-encoder outputs cached on disk: the encoder is 98 % of the cost of a slice and never changes
+during training, so each model-ready slice is encoded once, for every epoch and every later run."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.model.builtin import BuiltinModel
+from inference.model.litemedsam import LITEMEDSAM_SHA256
+
+
+class EmbeddingCache:
+    """(256, 64, 64) bf16 embeddings keyed by the SHA-1 of the model-ready slice and the encoder's identity."""
+
+    def __init__(self, folder: Path, model: BuiltinModel, batch_size: int = 4) -> None:
+        tag = f"litemedsam-{LITEMEDSAM_SHA256[:12]}-{'bf16' if model.bf16 else 'fp32'}-{model.input_size}"
+        self.folder = folder / tag
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self.batch_size = batch_size
+        self.hits = self.misses = 0
+
+    def _path(self, image: np.ndarray) -> Path:
+        key = hashlib.sha1(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()
+        return self.folder / key[:2] / f"{key}.pt"
+
+    def get(self, images: np.ndarray) -> torch.Tensor:
+        """(n, size, size) model-ready slices -> (n, 256, 64, 64) bf16 embeddings, encoding only the missing."""
+        paths = [self._path(image) for image in images]
+        missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        self.hits += len(paths) - len(missing)
+        self.misses += len(missing)
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            with torch.inference_mode():
+                encoded = self.model.encode(images[chunk]).to(torch.bfloat16).cpu()
+            for i, embedding in zip(chunk, encoded):
+                paths[i].parent.mkdir(exist_ok=True)
+                temporary = paths[i].with_suffix(".tmp")
+                torch.save(embedding.clone(), temporary)
+                temporary.replace(paths[i])
+        return torch.stack([torch.load(p, weights_only=True) for p in paths])
+
+
+class CachedEncoderModel:
+    """A BuiltinModel whose encoder outputs come from the cache: evaluation runs the real engine on it."""
+
+    def __init__(self, model: BuiltinModel, cache: EmbeddingCache) -> None:
+        self._model, self._cache = model, cache
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._model, name)
+
+    def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7, seed: int = 0):  # type: ignore[no-untyped-def]
+        embeddings = self._cache.get(images).float().to(self._model.device)
+        return self._model.interpret_embeddings(embeddings, question, samples, temperature, seed)

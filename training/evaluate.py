@@ -1,0 +1,149 @@
+"""Evaluation on held-out subjects, through the node's own engine: what a hospital would see.
+
+Per series: the engine interprets the volume exactly as for a received series (the encoder's outputs come
+from the cache); an observer records every slice's answer. Against the ground-truth SEG:
+- slice level: finding accuracy (the set of findings named equals the reference's), Dice of the masks on
+  slices where the truth has a finding, BLEU-1 / METEOR / ROUGE-L of the answer text against the reference
+  answer ("It is [SEG]. Brain tumor." or "No findings.");
+- lesion level (3D): a true lesion (26-connected component of a label's mask) is detected when a predicted
+  lesion overlaps it; sensitivity, false-positive lesions per volume, mean Dice of the detected lesions
+  (against the predicted lesions that overlap each);
+- reliability calibration: on slices with a predicted finding, the error rate per reliability level.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom import dcmread
+from scipy import ndimage
+
+from inference.engine import EngineConfig, interpret_volume
+from inference.ground_truth import read_segmentation
+from inference.model.protocol import NO_FINDINGS, Interpretation, normalize_finding
+from inference.preprocess import SliceTransform
+from inference.reliability import level, semantic_entropy
+from inference.slicing import load_series
+from training.dataset import finding_label
+from training.sources import LabeledSeries
+from training.text_metrics import bleu1, meteor, rouge_l
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SliceRecord:
+    findings: frozenset[str]
+    reference: frozenset[str]
+    text: str
+    reference_text: str
+    dice: float | None  # only where the truth has a finding
+    reliability: str = ""
+
+
+@dataclass
+class SeriesRecord:
+    modality: str
+    slices: list[SliceRecord] = field(default_factory=list)
+    true_lesions: int = 0
+    detected: int = 0
+    false_positives: int = 0
+    lesion_dice: list[float] = field(default_factory=list)
+
+
+def reference_answer(labels: list[str]) -> str:
+    return " ".join(f"It is [SEG]. {label}." for label in labels) if labels else NO_FINDINGS
+
+
+def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore[no-untyped-def]
+    volume = load_series(item.series)
+    truth: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(volume.voxels.shape, bool))
+    for segment in read_segmentation(item.segmentation, volume):
+        if segment.mask.any():
+            truth[finding_label(segment.label)] |= segment.mask
+    truth = dict(truth)
+    seen: dict[int, tuple[Interpretation, SliceTransform]] = {}
+    body_part = str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
+    result = interpret_volume(volume, model, EngineConfig(), body_part,
+                              observe=lambda k, interpretation, transform: seen.__setitem__(k, (interpretation, transform)))
+    record = SeriesRecord(volume.modality)
+    policy = model.reliability
+    for k in range(volume.voxels.shape[0]):
+        labels = sorted(label for label, mask in truth.items() if mask[k].any())
+        reference = frozenset(normalize_finding(l) for l in labels)
+        truth_mask = np.any([mask[k] for mask in truth.values()], axis=0) if truth else np.zeros(volume.voxels.shape[1:], bool)
+        if k in seen:
+            interpretation, transform = seen[k]
+            answer = interpretation.answer
+            masks = transform.mask_to_source(answer.masks) if len(answer.masks) else np.zeros((0, *truth_mask.shape), bool)
+            predicted_mask = masks.any(axis=0) if len(masks) else np.zeros(truth_mask.shape, bool)
+            text, findings = answer.text, frozenset(normalize_finding(f) for f in answer.findings)
+            reliability = level(semantic_entropy(interpretation.samples), policy).value if interpretation.samples else ""
+        else:
+            predicted_mask, text, findings, reliability = np.zeros(truth_mask.shape, bool), NO_FINDINGS, frozenset(), ""
+        dice = _dice(predicted_mask, truth_mask) if truth_mask.any() else None
+        record.slices.append(SliceRecord(findings, reference, text, reference_answer(labels), dice, reliability))
+    predicted = [lesion.mask for lesion in result.lesions]
+    hit = [False] * len(predicted)
+    for mask in truth.values():
+        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        for number in range(1, count + 1):
+            lesion = components == number
+            record.true_lesions += 1
+            overlapping = [i for i, p in enumerate(predicted) if (p & lesion).any()]
+            if overlapping:
+                record.detected += 1
+                union = np.any([predicted[i] for i in overlapping], axis=0)
+                record.lesion_dice.append(_dice(union, lesion))
+                for i in overlapping:
+                    hit[i] = True
+    record.false_positives = hit.count(False)
+    return record
+
+
+def summarize(records: list[SeriesRecord]) -> dict:
+    """The metrics of the module docstring, for a list of series (one modality or all)."""
+    slices = [s for r in records for s in r.slices]
+    true_lesions = sum(r.true_lesions for r in records)
+    dices = [d for r in records for d in r.lesion_dice]
+    slice_dice = [s.dice for s in slices if s.dice is not None]
+    calibration = {}
+    for name in ("high", "medium", "low", "unknown"):
+        rated = [s for s in slices if s.reliability == name and s.findings]
+        if rated:
+            calibration[name] = {"slices": len(rated), "error_rate": round(sum(s.findings != s.reference for s in rated) / len(rated), 4)}
+    return {
+        "volumes": len(records),
+        "slices": len(slices),
+        "true_lesions": true_lesions,
+        "lesion_sensitivity": round(sum(r.detected for r in records) / true_lesions, 4) if true_lesions else None,
+        "false_positives_per_volume": round(sum(r.false_positives for r in records) / max(len(records), 1), 4),
+        "mean_dice_detected_lesions": round(float(np.mean(dices)), 4) if dices else None,
+        "slice_dice": round(float(np.mean(slice_dice)), 4) if slice_dice else None,
+        "finding_accuracy": round(sum(s.findings == s.reference for s in slices) / max(len(slices), 1), 4),
+        "bleu1": round(float(np.mean([bleu1(s.text, s.reference_text) for s in slices])), 4) if slices else None,
+        "meteor": round(float(np.mean([meteor(s.text, s.reference_text) for s in slices])), 4) if slices else None,
+        "rouge_l": round(float(np.mean([rouge_l(s.text, s.reference_text) for s in slices])), 4) if slices else None,
+        "reliability_calibration": calibration,
+    }
+
+
+def evaluate(items: list[LabeledSeries], model) -> dict:  # type: ignore[no-untyped-def]
+    """Metrics per modality and over all held-out series."""
+    records = []
+    for item in items:
+        records.append(evaluate_series(item, model))
+        logger.info("evaluated %s (%s): %d/%d lesions found, %d false positive(s)", item.subject, item.modality,
+                    records[-1].detected, records[-1].true_lesions, records[-1].false_positives)
+    metrics = {modality: summarize([r for r in records if r.modality == modality]) for modality in sorted({r.modality for r in records})}
+    metrics["all"] = summarize(records)
+    return metrics
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2 * int((a & b).sum()) / total if total else 1.0
+

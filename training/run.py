@@ -1,0 +1,116 @@
+"""One training run: gather labelled series, split by subject, build samples through the inference
+pipeline, cache the encoder's outputs, train, save, evaluate the saved model on the held-out subjects, and
+write the figures into its model card."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.model.builtin import BuiltinModel, pick_device
+from inference.model.card import CARD_FILE, ModelCard
+from inference.model.grounded import GroundedConfig
+from inference.model.vocabulary import build_tokenizer
+from training.cache import CachedEncoderModel, EmbeddingCache
+from training.dataset import SliceSample, series_samples
+from training.evaluate import evaluate
+from training.sources import LabeledSeries, split_by_subject
+from training.trainer import TrainConfig, Trainer, TrainingSet
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ARCHITECTURE = dataclasses.replace(GroundedConfig(), image_tokens_side=8).to_dict()
+
+
+class TrainingDataError(ValueError):
+    """The labelled data cannot train a model (none found, or labels the vocabulary cannot say)."""
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    out: Path
+    cache: Path
+    version: str
+    config: TrainConfig = TrainConfig()
+    negatives_per_series: int = 6
+    held_out: float = 0.25
+    resume: bool = False
+    device: str = "auto"
+    description: str = ""
+    command: str = ""
+    architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+
+
+def check_labels(items: list[LabeledSeries]) -> list[str]:
+    """The finding labels, each made of words the model's vocabulary has (else a clear error)."""
+    from training.dataset import finding_label
+
+    vocabulary = build_tokenizer().get_vocab()
+    labels = sorted({finding_label(l) for item in items for l in item.labels})
+    unknown = sorted({w for l in labels for w in l.replace(",", " ").split() if w not in vocabulary})
+    if unknown:
+        raise TrainingDataError(f"segment labels use words the model cannot say: {', '.join(unknown)} "
+                                f"(rename the segments, e.g. to 'Liver tumor', 'Brain tumor', 'Lung nodule')")
+    return labels
+
+
+def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negatives: int, seed: int,
+                       size: int, normalization) -> TrainingSet:  # type: ignore[no-untyped-def]
+    """Every slice with a finding and up to ``negatives`` clear slices (with body in them) per series."""
+    rng = np.random.default_rng(seed)
+    samples: list[SliceSample] = []
+    embeddings = []
+    for n, item in enumerate(items, start=1):
+        series = series_samples(item.series, item.segmentation, size, normalization)
+        positive = [s for s in series if s.labels]
+        clear = [s for s in series if not s.labels and (s.image > 0.05).mean() > 0.02]
+        picked = positive + [clear[i] for i in sorted(rng.permutation(len(clear))[:negatives])]
+        embeddings.append(cache.get(np.stack([s.image for s in picked])))
+        samples.extend(picked)
+        logger.info("series %d/%d (%s): %d slices with findings, %d clear", n, len(items), item.subject, len(positive),
+                    len(picked) - len(positive))
+    return TrainingSet(samples, torch.cat(embeddings))
+
+
+def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard:
+    if not items:
+        raise TrainingDataError("no labelled series found")
+    started = time.time()
+    labels = check_labels(items)
+    train_items, eval_items = split_by_subject(items, request.held_out, request.config.seed)
+    if not train_items:
+        raise TrainingDataError("every subject is held out for evaluation: add subjects")
+    torch.manual_seed(request.config.seed)
+    modalities = tuple(sorted({i.modality for i in items}))
+    card = ModelCard(name="dicom-node built-in", version=request.version, architecture=request.architecture,
+                     modalities=modalities, findings=tuple(labels), training_data=request.description)
+    model = BuiltinModel.new(card, device=pick_device(request.device))
+    cache = EmbeddingCache(request.cache, model)
+    data = build_training_set(train_items, cache, request.negatives_per_series, request.config.seed,
+                              model.input_size, model.normalization)
+    logger.info("%d training slices from %d series (%d subjects); %d series held out", len(data.samples),
+                len(train_items), len({i.subject for i in train_items}), len(eval_items))
+    trainer = Trainer(model, data, request.config, request.out)
+    if request.resume:
+        trainer.resume()
+    history = trainer.train()
+    model.save(request.out, dtype=torch.bfloat16)
+    trained = BuiltinModel.load(request.out, device=model.device)  # evaluate what was saved, bf16 rounding and all
+    metrics = evaluate(eval_items, CachedEncoderModel(trained, EmbeddingCache(request.cache, trained))) if eval_items else {}
+    metrics["training"] = {
+        "series": len(train_items), "subjects": len({i.subject for i in train_items}), "slices": len(data.samples),
+        "held_out_series": len(eval_items), "held_out_subjects": len({i.subject for i in eval_items}),
+        "steps": request.config.steps, "final_loss": round(float(np.mean([h["loss"] for h in history[-50:]])), 4) if history else None,
+        "minutes": round((time.time() - started) / 60, 1), "command": request.command, "seed": request.config.seed,
+    }
+    card = dataclasses.replace(trained.card, metrics=metrics)
+    (request.out / CARD_FILE).write_text(card.to_json())
+    (request.out / "history.json").write_text(json.dumps(history))
+    return card

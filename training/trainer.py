@@ -1,0 +1,138 @@
+"""The trainer: frozen encoder (cached outputs), trainable projector, language model, [SEG] MLP and mask
+decoder, the paper's loss (L_text + 2 BCE + 0.5 Dice), resumable checkpoints, fixed seeds.
+
+Batches hold one modality (the question names it) and about ``positive_fraction`` slices with a finding.
+Every ``checkpoint_every`` steps the trainable weights, the optimiser, the schedule, the step and the random
+states go to ``state.pt`` in the output folder (atomically); ``resume`` continues from there exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from inference.model.builtin import BuiltinModel
+from inference.model.protocol import recognition_question
+from training.dataset import SliceSample
+from training.loss import grounded_loss
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1200
+    batch_size: int = 8
+    positive_fraction: float = 0.5
+    learning_rate: float = 1e-3
+    decoder_learning_rate: float = 2e-4  # the mask decoder starts from LiteMedSAM's: move it gently
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class TrainingSet:
+    """Samples with their cached embeddings (bf16, on the CPU), grouped by modality."""
+
+    samples: list[SliceSample]
+    embeddings: torch.Tensor  # (n, 256, 64, 64)
+
+    def indices(self, modality: str, positive: bool) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.samples) if s.modality == modality and bool(s.labels) == positive], int)
+
+
+class Trainer:
+    def __init__(self, model: BuiltinModel, data: TrainingSet, config: TrainConfig, out: Path) -> None:
+        self.model, self.data, self.config, self.out = model, data, config, out
+        network = model.network
+        heads = [p for n, p in network.named_parameters() if p.requires_grad and not n.startswith("mask_decoder")]
+        self.optimizer = torch.optim.AdamW([
+            {"params": heads, "lr": config.learning_rate},
+            {"params": [p for p in network.mask_decoder.parameters() if p.requires_grad], "lr": config.decoder_learning_rate},
+        ], weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._factor)
+        self.step = 0
+        self.rng = np.random.default_rng(config.seed)
+        torch.manual_seed(config.seed)
+        self.modalities = sorted({s.modality for s in data.samples})
+        self.pools = {(m, p): data.indices(m, p) for m in self.modalities for p in (True, False)}
+        self.history: list[dict] = []
+
+    def _factor(self, step: int) -> float:
+        if step < self.config.warmup_steps:
+            return (step + 1) / self.config.warmup_steps
+        progress = (step - self.config.warmup_steps) / max(self.config.steps - self.config.warmup_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def resume(self) -> bool:
+        """Continue from ``state.pt`` in the output folder, if there is one."""
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, weights_only=False)
+        self.model.network.load_state_dict(state["weights"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.history = state["step"], state["history"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed at step %d of %d", self.step, self.config.steps)
+        return True
+
+    def save_state(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {
+            "weights": self.model.network.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "step": self.step, "history": self.history,
+            "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+        }
+        temporary = self.out / (STATE_FILE + ".tmp")
+        torch.save(state, temporary)
+        temporary.replace(self.out / STATE_FILE)
+
+    def batch(self) -> list[int]:
+        modality = self.modalities[self.step % len(self.modalities)]
+        positives, negatives = self.pools[(modality, True)], self.pools[(modality, False)]
+        wanted = round(self.config.batch_size * self.config.positive_fraction) if len(positives) else 0
+        wanted = wanted if len(negatives) else self.config.batch_size
+        chosen = list(self.rng.choice(positives, wanted)) if wanted else []
+        chosen += list(self.rng.choice(negatives, self.config.batch_size - wanted)) if len(negatives) else []
+        return chosen
+
+    def train(self, progress: bool = True, until: int | None = None) -> list[dict]:
+        """Train to ``config.steps`` (or stop at step ``until``, as an interruption would)."""
+        network = self.model.network
+        network.train()
+        network.image_encoder.eval()
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not progress, unit="step")
+        while self.step < min(self.config.steps, until or self.config.steps):
+            chosen = self.batch()
+            samples = [self.data.samples[i] for i in chosen]
+            embeddings = self.data.embeddings[chosen].float().to(self.model.device)
+            question = recognition_question(samples[0].modality)
+            masks = [torch.from_numpy(s.masks).float() for s in samples]
+            parts = grounded_loss(network, embeddings, question, [s.answer for s in samples], masks)
+            self.optimizer.zero_grad()
+            parts.total.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
+            self.optimizer.step()
+            self.schedule.step()
+            self.step += 1
+            self.history.append({"step": self.step, "loss": float(parts.total.detach()), "text": parts.text,
+                                 "bce": parts.bce, "dice": parts.dice})
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts.total.item():.3f}", text=f"{parts.text:.3f}", dice=f"{parts.dice:.3f}")
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                self.save_state()
+        bar.close()
+        network.eval()
+        return self.history
