@@ -7,8 +7,10 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from sqlalchemy.orm import sessionmaker
 
 from dicom_node import __version__
 from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, NodeConfig, load_config
@@ -187,29 +189,29 @@ def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
 
 def _resend(config: NodeConfig, args: argparse.Namespace) -> int:
     from dicom_node.outbox import resend
-    from storage.database import make_engine, make_sessionmaker
 
-    engine = make_engine(config.storage.database_url)
-    found = resend(make_sessionmaker(engine), args.delivery)
-    engine.dispose()
-    if not found:
-        print(f"error: no delivery {args.delivery}", file=sys.stderr)
-        return 2
-    print(f"delivery {args.delivery} queued to be sent again now")
-    return 0
+    return _requeue(config, resend, args.delivery, f"no delivery {args.delivery}",
+                    f"delivery {args.delivery} queued to be sent again now")
 
 
 def _retry(config: NodeConfig, args: argparse.Namespace) -> int:
     from dicom_node.jobs import retry_failed
+
+    return _requeue(config, retry_failed, args.job, f"no finished job {args.job} (queued and running jobs run anyway)",
+                    f"job {args.job} queued; the running node starts it within {config.jobs.poll_s:g} s")
+
+
+def _requeue(config: NodeConfig, requeue: Callable[[sessionmaker, int], bool], ident: int, missing: str, done: str) -> int:
+    """Run an outbox or job re-queue against the node's database and report it."""
     from storage.database import make_engine, make_sessionmaker
 
     engine = make_engine(config.storage.database_url, writer=True)
-    queued = retry_failed(make_sessionmaker(engine), args.job)
+    found = requeue(make_sessionmaker(engine), ident)
     engine.dispose()
-    if not queued:
-        print(f"error: no finished job {args.job} (queued and running jobs run anyway)", file=sys.stderr)
+    if not found:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
-    print(f"job {args.job} queued; the running node starts it within {config.jobs.poll_s:g} s")
+    print(done)
     return 0
 
 

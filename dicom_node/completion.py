@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import LateArrival, NodeConfig
@@ -34,17 +34,10 @@ class Decision:
 
 def detect_complete(session: Session, config: NodeConfig, now: datetime, quiet_since: datetime) -> list[Decision]:
     """Judge every series that has been quiet long enough; call inside a transaction (it writes the decisions)."""
-    waits = [config.jobs.completion_wait_s] + [p.completion_wait_s for p in config.peers if p.completion_wait_s is not None]
-    cutoff = now - timedelta(seconds=min(waits))
-    if quiet_since > cutoff:
+    query = _candidates(config, now, quiet_since)
+    if query is None:
         return []
-    candidates = session.execute(
-        select(Series, SeriesCompletion)
-        .outerjoin(SeriesCompletion, SeriesCompletion.series_fk == Series.id)
-        .where(Series.last_received_at <= cutoff,
-               or_(SeriesCompletion.series_fk.is_(None), Series.last_received_at > SeriesCompletion.handled_through))
-        .order_by(Series.last_received_at)
-    ).all()
+    candidates = session.execute(query).all()
     decisions = []
     for series, completion in candidates:
         quiet_for = now - max(series.last_received_at, quiet_since)
@@ -60,6 +53,27 @@ def detect_complete(session: Session, config: NodeConfig, now: datetime, quiet_s
         logger.info("series %s (%s) complete: %s%s", series.series_instance_uid, series.modality or "?", decision.outcome,
                     f" as job {decision.job_id}" if decision.job_id else "")
     return decisions
+
+
+def anything_to_judge(session: Session, config: NodeConfig, now: datetime, quiet_since: datetime) -> bool:
+    """A read-only look first, so that the check takes the database's write lock only when it has work."""
+    query = _candidates(config, now, quiet_since)
+    return query is not None and session.execute(query.limit(1)).first() is not None
+
+
+def _candidates(config: NodeConfig, now: datetime, quiet_since: datetime) -> Select | None:
+    """Series quiet for at least the shortest configured wait and not judged since their last arrival."""
+    waits = [config.jobs.completion_wait_s] + [p.completion_wait_s for p in config.peers if p.completion_wait_s is not None]
+    cutoff = now - timedelta(seconds=min(waits))
+    if quiet_since > cutoff:
+        return None
+    return (
+        select(Series, SeriesCompletion)
+        .outerjoin(SeriesCompletion, SeriesCompletion.series_fk == Series.id)
+        .where(Series.last_received_at <= cutoff,
+               or_(SeriesCompletion.series_fk.is_(None), Series.last_received_at > SeriesCompletion.handled_through))
+        .order_by(Series.last_received_at)
+    )
 
 
 def _decide(session: Session, config: NodeConfig, series: Series, completion: SeriesCompletion | None,

@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
-from dicom_node.completion import DONE, FAILED, QUEUED, RUNNING, detect_complete, requeue_interrupted
+from dicom_node.completion import DONE, FAILED, QUEUED, RUNNING, anything_to_judge, detect_complete, requeue_interrupted
 from dicom_node.config import ACTIVE_MODEL, NodeConfig, Route
 from dicom_node.model_registry import active_model
 from dicom_node.outbox import add_delivery, now_utc
@@ -87,6 +87,7 @@ class JobService:
         url = config.storage.database_url
         self.engine = make_engine(url, writer=True)  # every transaction here reads then writes
         self.sessions = make_sessionmaker(self.engine)
+        self.reader = make_sessionmaker(make_engine(url))  # looks that need no write lock
         self.files = FileStore(config.storage.path)
         self.receiver = InstanceReceiver(self.files, self.sessions, IndexWriter(make_engine(url, writer=True), self.files))
         self.models = ModelCache(config.jobs.device)
@@ -142,12 +143,16 @@ class JobService:
     def check(self) -> None:
         """Judge quiet series, then make sure every due queued job is scheduled."""
         now = now_utc()
-        with self.sessions() as session, session.begin():
-            decisions = detect_complete(session, self.config, now, self.started_at)
+        decisions = []
+        with self.reader() as session:
+            judge = anything_to_judge(session, self.config, now, self.started_at)
+        if judge:
+            with self.sessions() as session, session.begin():
+                decisions = detect_complete(session, self.config, now, self.started_at)
         for decision in decisions:
             if decision.job_id is not None:
                 self.schedule(decision.job_id, now)
-        with self.sessions() as session:
+        with self.reader() as session:
             due = session.scalars(select(Job.id).where(Job.status == QUEUED, Job.next_attempt_at <= now)).all()
         for job_id in due:
             if self.scheduler.get_job(_job_key(job_id)) is None:

@@ -47,7 +47,6 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
     delivery = DeliveryLoop(config, make_sessionmaker(engine))
     delivery.start()
     jobs = JobService(config, on_results=delivery.wake)
-    jobs.start()
 
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,6 +55,10 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
     command += ["--verbose"] if verbose else []
     workers = [_start(command) for _ in range(config.node.worker_count)]
     started = [time.monotonic()] * len(workers)
+    # The completion clock starts once the node can receive: a sender cut off by a restart gets the whole
+    # wait to resume, however long the workers took to start.
+    _wait_until_listening(config, stopping)
+    jobs.start()
     failures = [0] * len(workers)
     due: dict[int, float] = {}  # worker slot -> when to restart it
     logger.info("%s: %d worker processes on %s:%d", config.node.ae_title, len(workers), config.node.host, config.node.port)
@@ -84,6 +87,29 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
         except subprocess.TimeoutExpired:
             worker.kill()
     return 0
+
+
+def _wait_until_listening(config: NodeConfig, stopping: threading.Event, timeout_s: float = 60.0) -> None:
+    """Until a worker listens on the node's port (read from /proc, so no stray connection reaches a worker)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stopping.is_set():
+        if _listening(config.node.port):
+            return
+        time.sleep(0.1)
+    logger.warning("no worker listening after %.0f s; starting the job service anyway", timeout_s)
+
+
+def _listening(port: int) -> bool:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # state LISTEN
+                return True
+    return False
 
 
 def _start(command: list[str]) -> subprocess.Popen:

@@ -49,7 +49,8 @@ def test_echo_to_a_peer_that_is_down(tmp_path, capsys):
     assert "C-ECHO failed: PACS at 127.0.0.1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["echo"], ["status"], ["config", "check"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["echo"], ["status"], ["resend"], ["retry"], ["analyze"], ["train"],
+                                     ["model", "list"], ["model", "activate"], ["config", "check"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: dicom-node" in result.stdout and "--config" in result.stdout

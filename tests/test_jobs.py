@@ -10,7 +10,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_node.cli import main
-from dicom_node.completion import detect_complete
+from dicom_node.completion import anything_to_judge, detect_complete
 from dicom_node.config import LateArrival, load_config
 from dicom_node.jobs import JobService
 from dicom_node.scp import Node
@@ -74,6 +74,9 @@ def test_a_series_is_complete_after_the_quiet_time_and_routes_decide_what_is_int
     service = JobService(config)
     last = max(last_arrival(node, dcmread(p).SeriesInstanceUID) for p in (ct[0], mr[0]))
 
+    with service.reader() as session:  # the read-only look the periodic check takes first
+        assert not anything_to_judge(session, config, last + timedelta(seconds=4), EPOCH)
+        assert anything_to_judge(session, config, last + timedelta(seconds=6), EPOCH)
     assert detect(service, last + timedelta(seconds=4)) == []  # 5 s of quiet needed
     decisions = detect(service, last + timedelta(seconds=6))
     assert sorted(d.outcome for d in decisions) == ["queued", "stored only"]
@@ -128,11 +131,17 @@ def test_a_late_arrival_reopens_the_series(node_factory, no_model, tmp_path, pol
     assert completion.handled_through == last_arrival(node, series_uid)
 
 
-def test_a_failing_job_is_retried_with_backoff_then_failed_with_its_reason(node_factory, no_model, tmp_path, capsys):
-    node, config = node_factory(no_model)
-    send(node, write_slices(tmp_path / "ct", axial_positions(3)))
+def queued_job(node_factory, model, tmp_path, positions):
+    """A node holding one CT series, and the job its completion queued."""
+    node, config = node_factory(model)
+    send(node, write_slices(tmp_path / "ct", positions))
     service = JobService(config)
     [decision] = detect(service, datetime.utcnow() + timedelta(seconds=10))
+    return config, service, decision
+
+
+def test_a_failing_job_is_retried_with_backoff_then_failed_with_its_reason(node_factory, no_model, tmp_path, capsys):
+    config, service, decision = queued_job(node_factory, no_model, tmp_path, axial_positions(3))
 
     service.run(decision.job_id)
     with service.sessions() as session:
@@ -151,15 +160,11 @@ def test_a_failing_job_is_retried_with_backoff_then_failed_with_its_reason(node_
     with service.sessions() as session:
         job = session.get(Job, decision.job_id)
         assert (job.status, job.attempts, job.error) == ("queued", 0, "")
-    service.scheduler.shutdown(wait=False) if service.scheduler.running else None
 
 
 def test_a_series_that_cannot_be_sliced_fails_at_once_with_the_reason(node_factory, no_model, tmp_path):
-    node, config = node_factory(no_model)
     tilted = [[-10.0, -20.0 + 0.5 * k, -10.0 + 2.0 * k] for k in range(5)]
-    send(node, write_slices(tmp_path / "ct", tilted))
-    service = JobService(config)
-    [decision] = detect(service, datetime.utcnow() + timedelta(seconds=10))
+    config, service, decision = queued_job(node_factory, no_model, tmp_path, tilted)
     service.run(decision.job_id)
     with service.sessions() as session:
         job = session.get(Job, decision.job_id)
@@ -167,10 +172,7 @@ def test_a_series_that_cannot_be_sliced_fails_at_once_with_the_reason(node_facto
 
 
 def test_a_job_left_running_by_a_crash_is_queued_again_at_start(node_factory, no_model, tmp_path):
-    node, config = node_factory(no_model)
-    send(node, write_slices(tmp_path / "ct", axial_positions(3)))
-    service = JobService(config)
-    [decision] = detect(service, datetime.utcnow() + timedelta(seconds=10))
+    config, service, decision = queued_job(node_factory, no_model, tmp_path, axial_positions(3))
     with service.sessions() as session, session.begin():
         job = session.get(Job, decision.job_id)
         job.status, job.attempts = "running", 1

@@ -39,7 +39,7 @@ class TrainRequest:
     cache: Path
     version: str
     config: TrainConfig = TrainConfig()
-    negatives_per_series: int = 6
+    negatives_per_series: int | None = None  # clear slices per series; None: all with body in them
     held_out: float = 0.25
     resume: bool = False
     device: str = "auto"
@@ -61,9 +61,10 @@ def check_labels(items: list[LabeledSeries]) -> list[str]:
     return labels
 
 
-def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negatives: int, seed: int,
+def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negatives: int | None, seed: int,
                        size: int, normalization) -> TrainingSet:  # type: ignore[no-untyped-def]
-    """Every slice with a finding and up to ``negatives`` clear slices (with body in them) per series."""
+    """Every slice with a finding and (up to ``negatives``) clear slices with body in them, per series: the
+    model must learn what "No findings." looks like from as many slices as it will meet."""
     rng = np.random.default_rng(seed)
     samples: list[SliceSample] = []
     embeddings = []
@@ -71,7 +72,7 @@ def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negati
         series = series_samples(item.series, item.segmentation, size, normalization)
         positive = [s for s in series if s.labels]
         clear = [s for s in series if not s.labels and (s.image > 0.05).mean() > 0.02]
-        picked = positive + [clear[i] for i in sorted(rng.permutation(len(clear))[:negatives])]
+        picked = positive + [clear[i] for i in sorted(rng.permutation(len(clear))[:negatives if negatives is not None else len(clear)])]
         embeddings.append(cache.get(np.stack([s.image for s in picked])))
         samples.extend(picked)
         logger.info("series %d/%d (%s): %d slices with findings, %d clear", n, len(items), item.subject, len(positive),

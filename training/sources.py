@@ -7,8 +7,6 @@ splits never put one subject on both sides.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from datetime import date
@@ -48,7 +46,7 @@ def from_folder(folder: Path, modality: str | None = None, label: str | None = N
     series_files: dict[str, list[Path]] = {}
     segs: dict[str, tuple[str, Path, tuple[str, ...]]] = {}  # referenced series -> (content date+time, path, labels)
     info: dict[str, tuple[str, str]] = {}  # series -> (patient id, modality)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".partial"):
         try:
             ds = dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError):
@@ -136,36 +134,37 @@ class SyntheticSpec:
     ct_subjects: int = 24
     seed: int = 0
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
-
 
 def synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec()) -> list[LabeledSeries]:
-    """Write (once: reused when ``folder`` holds this spec) the synthetic studies as DICOM + SEG; list them."""
-    marker = folder / f"complete-{spec.digest()}.json"
-    if not marker.is_file():
-        heads = {name: load() for name, load in HEADS.items()}
-        for i in range(spec.mr_subjects):
+    """Write the synthetic studies as DICOM + SEG into ``folder/seed-N`` and list them. A subject is a pure
+    function of (seed, kind, number), so subjects already written are kept: asking for more adds only the new."""
+    folder = folder / f"seed-{spec.seed}"
+    heads: dict = {}
+    for i in range(spec.mr_subjects):
+        target = folder / f"SYN-MR-{i:04d}"
+        if not (target / "seg.dcm").is_file():
+            heads = heads or {name: load() for name, load in HEADS.items()}
             rng = np.random.default_rng([spec.seed, 1, i])
-            head = heads[list(heads)[i % len(heads)]]
-            study = brain_tumor_study(head, rng, positive=i % 4 != 3)
-            _write_study(folder, f"SYN-MR-{i:04d}", study, default_label="Brain tumor")
-        for i in range(spec.ct_subjects):
+            study = brain_tumor_study(heads[list(heads)[i % len(heads)]], rng, positive=i % 4 != 3)
+            _write_study(target, study, default_label="Brain tumor")
+    for i in range(spec.ct_subjects):
+        target = folder / f"SYN-CT-{i:04d}"
+        if not (target / "seg.dcm").is_file():
             rng = np.random.default_rng([spec.seed, 2, i])
             region = "abdomen" if i % 2 == 0 else "chest"
             lesions = 0 if i % 4 == 3 else int(rng.integers(1, 3))
             study = ct_study(rng, region, lesions)
-            _write_study(folder, f"SYN-CT-{i:04d}", study, default_label="Liver tumor" if region == "abdomen" else "Lung nodule")
-        marker.write_text(json.dumps(spec.__dict__))
-    return from_folder(folder)
+            _write_study(target, study, default_label="Liver tumor" if region == "abdomen" else "Lung nodule")
+    wanted = {f"SYN-MR-{i:04d}" for i in range(spec.mr_subjects)} | {f"SYN-CT-{i:04d}" for i in range(spec.ct_subjects)}
+    return [item for item in from_folder(folder) if item.subject in wanted]
 
 
-def _write_study(folder: Path, subject: str, study: SyntheticStudy, default_label: str) -> None:
-    target = folder / subject
-    header = SeriesHeader(subject, study.modality, study.description, study.body_part)
+def _write_study(target: Path, study: SyntheticStudy, default_label: str) -> None:
+    """The series, then the SEG under a temporary name renamed last: seg.dcm marks a complete subject."""
+    header = SeriesHeader(target.name, study.modality, study.description, study.body_part)
     paths = write_series(target / "series", study.voxels, header, study.pixel_mm, study.slice_mm)
     masks = study.masks or {default_label: np.zeros(study.voxels.shape, bool)}
-    write_ground_truth(target / "seg.dcm", paths, masks)
+    write_ground_truth(target / "seg.partial", paths, masks).replace(target / "seg.dcm")
 
 
 def split_by_subject(items: list[LabeledSeries], held_out: float = 0.25, seed: int = 0) -> tuple[list[LabeledSeries], list[LabeledSeries]]:

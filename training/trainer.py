@@ -28,12 +28,12 @@ STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 8
-    positive_fraction: float = 0.5
+    positive_fraction: float = 0.35
     learning_rate: float = 1e-3
     decoder_learning_rate: float = 2e-4  # the mask decoder starts from LiteMedSAM's: move it gently
-    weight_decay: float = 0.01
+    weight_decay: float = 0.05
     warmup_steps: int = 50
     checkpoint_every: int = 100
     seed: int = 0
