@@ -100,6 +100,7 @@ def _configure_logging(level: str) -> None:
     if level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every run of the 1 s check at INFO
 
 
 def _serve(config: NodeConfig, args: argparse.Namespace) -> int:
