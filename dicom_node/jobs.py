@@ -119,10 +119,11 @@ class JobService:
             from tzlocal import get_localzone
 
             trigger = CronTrigger.from_crontab(self.config.training.schedule, timezone=get_localzone())
+            # A run missed while the node was down is dropped after an hour, not started with the node.
             self.scheduler.add_job(scheduled_training, trigger, id="scheduled-training", replace_existing=True,
-                                   executor="training")
-        else:
-            self.scheduler.remove_job("scheduled-training") if self.scheduler.get_job("scheduled-training") else None
+                                   executor="training", misfire_grace_time=3600)
+        elif self.scheduler.get_job("scheduled-training") is not None:
+            self.scheduler.remove_job("scheduled-training")  # the schedule was taken out of the config
         logger.info("jobs: completion after %.0f s quiet, %d worker(s), %d route(s)", self.config.jobs.completion_wait_s,
                     self.config.jobs.workers, len(self.config.routes))
 
