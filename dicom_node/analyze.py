@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.config import ACTIVE_MODEL, NodeConfig, Route
 from dicom_node.pipeline import Question, interpret_series
 from inference.model.litemedsam import WeightsError
-from inference.model.loading import load_model
-from inference.model.protocol import GroundedModel
+from inference.model.loading import ModelCache
 from inference.slicing import SlicingError
 from storage.uids import InvalidUIDError, validate_uid
 
@@ -61,7 +59,8 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
     series, skipped = find_series(folder)
     if skipped:
         logger.info("%d files under %s are not DICOM instances; skipped", skipped, folder)
-    models: dict[Path, GroundedModel] = {}
+    models = ModelCache(device)
+    resolved: dict[Path, Path] = {}  # a route's model -> its checkpoint folder, looked up once
     summaries = []
     for uid, entry in series.items():
         route = (Route("--model", model_path, frozenset({entry.modality.upper()}), question=question) if model_path
@@ -72,7 +71,7 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
             continue
         try:
             folder_name = validate_uid(uid, "Series Instance UID")
-            outputs = interpret_series(entry.paths, lambda: _cached(models, _resolve(route.model, config), device),
+            outputs = interpret_series(entry.paths, lambda: models.get(_resolve(resolved, route.model, config)),
                                        Question(route.question or question, route.target))
         except (SlicingError, WeightsError, InvalidUIDError, OSError, ValueError) as exc:
             logger.error("series %s: %s", uid, exc)
@@ -89,21 +88,17 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
     return summaries
 
 
-def _resolve(model: Path, config: NodeConfig) -> Path:
-    """A route's model = "active": the active version in the node's database, else the shipped model."""
-    if model != ACTIVE_MODEL:
-        return model
-    from dicom_node.model_registry import active_model
-    from storage.database import make_engine, make_sessionmaker
+def _resolve(resolved: dict[Path, Path], model: Path, config: NodeConfig) -> Path:
+    """The checkpoint a route's model names (model = "active" asks the node's database, once per run)."""
+    if model not in resolved:
+        if model == ACTIVE_MODEL:
+            from dicom_node.model_registry import resolve_model
+            from storage.database import make_engine, make_sessionmaker
 
-    engine = make_engine(config.storage.database_url)
-    with make_sessionmaker(engine)() as session:
-        path = active_model(session)
-    engine.dispose()
-    return path
-
-
-def _cached(models: dict[Path, GroundedModel], path: Path, device: str) -> GroundedModel:
-    if path not in models:
-        models[path] = load_model(path, device)
-    return models[path]
+            engine = make_engine(config.storage.database_url)
+            with make_sessionmaker(engine)() as session:
+                resolved[model] = resolve_model(session, model)
+            engine.dispose()
+        else:
+            resolved[model] = model
+    return resolved[model]

@@ -31,15 +31,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
 from dicom_node.completion import DONE, FAILED, QUEUED, RUNNING, anything_to_judge, detect_complete, requeue_interrupted
-from dicom_node.config import ACTIVE_MODEL, NodeConfig, Route
-from dicom_node.model_registry import active_model
+from dicom_node.config import NodeConfig, Route
+from dicom_node.model_registry import resolve_model
 from dicom_node.outbox import add_delivery, now_utc
 from dicom_node.outputs.encode import encode
 from dicom_node.outputs.seg import OutputError
 from dicom_node.pipeline import Question, SeriesOutputs, interpret_series
 from dicom_node.receive import InstanceReceiver, StoreRequest
-from inference.model.loading import load_model
-from inference.model.protocol import GroundedModel
+from inference.model.loading import ModelCache
 from inference.slicing import SlicingError
 from storage.database import make_engine, make_sessionmaker
 from storage.files import FileStore
@@ -62,22 +61,6 @@ class Claim:
     run: int
     route: Route
     paths: list[Path]
-
-
-class ModelCache:
-    """One loaded model per checkpoint folder, shared by the job threads."""
-
-    def __init__(self, device: str) -> None:
-        self._device = device
-        self._models: dict[Path, GroundedModel] = {}
-        self._lock = threading.Lock()
-
-    def get(self, path: Path) -> GroundedModel:
-        with self._lock:
-            if path not in self._models:
-                logger.info("loading model from %s", path)
-                self._models[path] = load_model(path, self._device)
-            return self._models[path]
 
 
 class JobService:
@@ -187,10 +170,8 @@ class JobService:
 
     def model_path(self, route: Route) -> Path:
         """The route's checkpoint; for model = "active", the version an administrator activated (or the shipped one)."""
-        if route.model != ACTIVE_MODEL:
-            return route.model
-        with self.sessions() as session:
-            return active_model(session)
+        with self.reader() as session:
+            return resolve_model(session, route.model)
 
     def train(self) -> int:
         """The scheduled training run, in its own process (memory, and a crash there is not the node's)."""

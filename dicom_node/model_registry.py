@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from dicom_node.config import ACTIVE_MODEL
 from inference.model.card import CARD_FILE, ModelCard
 from storage.models import ModelVersion
 
@@ -60,6 +61,11 @@ def activate(session: Session, version: str) -> Path:
 def active_model(session: Session) -> Path:
     row = session.scalar(select(ModelVersion).where(ModelVersion.active.is_(True)))
     return Path(row.path) if row is not None else SHIPPED_MODEL
+
+
+def resolve_model(session: Session, model: Path) -> Path:
+    """A route's model: "active" is the active version (or the shipped one); a folder is itself."""
+    return active_model(session) if model == ACTIVE_MODEL else model
 
 
 def list_models(session: Session) -> list[ModelEntry]:

@@ -83,11 +83,11 @@ class SeriesOutputs:
         return [min(numbers), max(numbers)] if numbers else []
 
 
-def interpret_series(paths: list[Path], model: GroundedModel | Callable[[], GroundedModel], question: Question = Question(),
+def interpret_series(paths: list[Path], model: Callable[[], GroundedModel], question: Question = Question(),
                      run: int = 1) -> SeriesOutputs:
     """Interpret the series in ``paths`` (one series; several stacks: the largest is interpreted).
 
-    ``model`` may be a function that returns it: it is then loaded only for a series that can be sliced.
+    ``model`` returns the model when called: it is loaded only for a series that can be sliced.
 
     Raises the slicing pipeline's SlicingError when the series cannot be made into a volume (with the reason).
     """
@@ -101,13 +101,12 @@ def interpret_series(paths: list[Path], model: GroundedModel | Callable[[], Grou
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     sources = [ds for ds in headers if str(ds.SOPInstanceUID) in wanted]
     body_part = str(sources[0].get("BodyPartExamined", "")) if sources else ""
-    if callable(model) and not hasattr(model, "interpret"):
-        model = model()
+    interpreter = model()
     loaded = time.perf_counter()
     config = EngineConfig(question=question.text or None, target=question.target)
-    result = interpret_volume(volume, model, config, body_part)
+    result = interpret_volume(volume, interpreter, config, body_part)
     interpreted = time.perf_counter()
-    algorithm = AlgorithmInfo(model_name(model), model.version)
+    algorithm = AlgorithmInfo(model_name(interpreter), interpreter.version)
     seg = build_seg(sources, volume, result.lesions, algorithm, run) if result.has_findings else None
     sr = build_sr(sources, volume, result, seg, algorithm, run)
     built = time.perf_counter()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 from inference.model.card import CARD_FILE
 from inference.model.litemedsam import WeightsError
 from inference.model.protocol import GroundedModel
+
+logger = logging.getLogger(__name__)
 
 
 def load_model(path: Path, device: str = "auto") -> GroundedModel:
@@ -20,6 +24,22 @@ def load_model(path: Path, device: str = "auto") -> GroundedModel:
 
         return UniBiomedModel(path, device)
     raise WeightsError(f"{path} holds no model ({CARD_FILE} for a built-in checkpoint, config.json for UniBiomed)")
+
+
+class ModelCache:
+    """One loaded model per checkpoint folder, shared by the callers (the node's job threads, `analyze`)."""
+
+    def __init__(self, device: str = "auto") -> None:
+        self._device = device
+        self._models: dict[Path, GroundedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> GroundedModel:
+        with self._lock:
+            if path not in self._models:
+                logger.info("loading model from %s", path)
+                self._models[path] = load_model(path, self._device)
+            return self._models[path]
 
 
 def model_name(model: GroundedModel) -> str:
