@@ -41,6 +41,17 @@ def wait_for_port(port: int, timeout_s: float = 20.0, process: subprocess.Popen 
     raise TimeoutError(f"nothing listening on port {port} after {timeout_s} s")
 
 
+def wait_until_closed(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                time.sleep(0.05)
+        except OSError:
+            return
+    raise TimeoutError(f"something still listens on port {port} after {timeout_s} s")
+
+
 @dataclass
 class RunningPeer:
     ae_title: str
@@ -53,6 +64,9 @@ class RunningPeer:
     def restart(self) -> None:
         """Start the same program again on the same ports (after stop())."""
         assert self.command is not None
+        # A killed node's workers die after their supervisor (PR_SET_PDEATHSIG), a moment later: until the old
+        # ones are gone, a port check would find them and not the new node.
+        wait_until_closed(self.port)
         log = open(self.folder / "restart.log", "ab")
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV)
         wait_for_port(self.port, timeout_s=60, process=self.process)
