@@ -27,8 +27,10 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--since", type=date.fromisoformat, help="only studies from this date (YYYY-MM-DD) on")
     train.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
     train.add_argument("--version", help="version name (default: train-<UTC time>)")
-    train.add_argument("--steps", type=int, help="optimiser steps (default: the trainer's, 1500)")
+    train.add_argument("--steps", type=int, help="optimiser steps (default: the trainer's, 600)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--min-lesion-slices", type=int, default=2, metavar="N",
+                       help="the model's operating point: 3D lesions seen on fewer slices are dropped (default 2)")
     train.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
     train.add_argument("--data", type=Path, help="folder for synthetic data and the encoder cache (default: <storage>/training)")
     train.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
@@ -73,7 +75,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version,
-                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed), resume=args.resume,
+                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed), resume=args.resume, min_lesion_slices=args.min_lesion_slices,
                            device=config.jobs.device, description="; ".join(described),
                            command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
     try:

@@ -81,7 +81,7 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
                 observe(k, interpretation, preparer.transform)
             findings.extend(_slice_findings(k, interpretation, preparer.transform, model, config))
     interpreted = time.perf_counter()
-    lesions = aggregate(volume, findings, config.min_volume_ml)
+    lesions = aggregate(volume, findings, config.min_volume_ml, model.min_lesion_slices)
     done = time.perf_counter()
     skipped = len(volume.sources) - len(selected)
     logger.info("series %s: %d slices interpreted, %d skipped, %d lesions", volume.series_instance_uid,

@@ -5,7 +5,7 @@ mask and split into connected components (26-connected) by SimpleITK. Each lesio
 (voxel count times in-plane pixel area times the slice thickness it occupies, from the true slice positions,
 so uneven spacing is measured correctly), its largest axial diameter in mm, its slice range, the source
 instances it touches, and a reliability: the worst level among its slices, with the mean predicted mask IoU.
-Components smaller than ``min_volume_ml`` are dropped.
+Components smaller than ``min_volume_ml``, or on fewer slices than the model's ``min_lesion_slices``, are dropped.
 """
 
 from __future__ import annotations
@@ -46,9 +46,15 @@ class Lesion:
     mean_score: float
     texts: list[str] = field(default_factory=list)
 
+    @property
+    def slice_count(self) -> int:
+        return len(self.sources)  # one per slice the lesion touches
 
-def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float = 0.05) -> list[Lesion]:
-    """3D lesions, largest first."""
+
+def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float = 0.05,
+              min_slices: int = 1) -> list[Lesion]:
+    """3D lesions, largest first; a component seen on fewer than ``min_slices`` slices is dropped (a model's
+    operating point: a real lesion in 5 mm slices usually spans two, a spot on one slice is mostly noise)."""
     lesions: list[Lesion] = []
     for label in sorted({f.label for f in findings}):
         of_label = [f for f in findings if f.label == label]
@@ -59,7 +65,7 @@ def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float
         for number in range(1, int(components.max()) + 1):
             mask = components == number
             lesion = _lesion(volume, label, mask, of_label)
-            if lesion.volume_ml >= min_volume_ml:
+            if lesion.volume_ml >= min_volume_ml and lesion.slice_count >= min_slices:
                 lesions.append(lesion)
     return sorted(lesions, key=lambda l: -l.volume_ml)
 

@@ -23,6 +23,7 @@ class ThresholdModel:
     version = "threshold-1"
     normalization = Normalization()
     reliability = ReliabilityPolicy(samples=3)
+    min_lesion_slices = 1
 
     def __init__(self):
         self.batches = []

@@ -79,6 +79,18 @@ def test_separate_blobs_and_labels_make_separate_lesions_and_small_ones_are_drop
     assert sorted(l.label for l in lesions) == ["Kidney tumor", "Liver tumor", "Liver tumor"]
 
 
+def test_a_model_can_require_a_lesion_on_two_slices():
+    v = volume()
+    findings = [
+        SliceFinding(2, "Liver tumor", disc((40, 40), (10, 10), 5), 0.9, Reliability.HIGH),
+        SliceFinding(3, "Liver tumor", disc((40, 40), (10, 10), 4), 0.9, Reliability.HIGH),  # the same lesion, next slice
+        SliceFinding(7, "Liver tumor", disc((40, 40), (30, 30), 8), 0.9, Reliability.HIGH),  # large, but one slice only
+    ]
+    assert len(aggregate(v, findings, min_volume_ml=0.0)) == 2
+    [kept] = aggregate(v, findings, min_volume_ml=0.0, min_slices=2)
+    assert kept.slice_range == (2, 3) and kept.slice_count == 2
+
+
 def test_uneven_spacing_is_measured_from_true_positions():
     v = volume(shape=(3, 20, 20), positions=[0.0, 2.0, 6.0])  # a missing slice between 1 and 2
     mask = np.ones((20, 20), bool)

@@ -1,11 +1,14 @@
 """The built-in grounded model: vocabulary, weights, checkpoints, and the whole chain learnt on a toy case."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from inference.model.builtin import BuiltinModel
 from inference.model.card import ModelCard
+from inference.model.grounded import GroundedConfig
 from inference.model.litemedsam import LITEMEDSAM_SHA256, WeightsError, litemedsam_weights_path, verify_sha256
 from inference.model.protocol import normalize_finding, parse_findings, recognition_question, segmentation_question
 from inference.model.vocabulary import build_tokenizer, decode, encode
@@ -45,6 +48,32 @@ def test_litemedsam_weights_are_verified(tmp_path):
 def test_loss_has_the_three_terms_and_falls(trained):
     *_, parts = trained
     assert parts.text < 0.5 and parts.bce < 0.1 and parts.dice < 0.2
+
+
+def test_the_mask_decoder_decides_when_the_card_says_so(trained, tmp_path):
+    """decision = "decoder": the [SEG] query's mask decides; the language model names what it found."""
+    model, images, _, targets, _ = trained
+    model.save(tmp_path / "ckpt")
+    card_path = tmp_path / "ckpt" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30}
+    card_path.write_text(json.dumps(card))
+    gated = BuiltinModel.load(tmp_path / "ckpt")
+    results = gated.interpret(images, QUESTION, samples=2)
+    assert [r.answer.text for r in results] == ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
+    for predicted, expected in zip(results[0].answer.masks, targets[0]):
+        assert (predicted & expected).sum() / (predicted | expected).sum() > 0.8
+    assert results[1].answer.masks.shape == (0, 256, 256) and len(results[0].samples) == 2
+    card["architecture"]["min_mask_pixels"] = 256 * 256  # no mask is that large: nothing is a finding
+    card_path.write_text(json.dumps(card))
+    blind = BuiltinModel.load(tmp_path / "ckpt")
+    assert [r.answer.text for r in blind.interpret(images, QUESTION)] == ["No findings.", "No findings."]
+
+
+@pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}])
+def test_an_unknown_decision_rule_is_refused(change):
+    with pytest.raises(ValueError):
+        GroundedConfig(**change)
 
 
 def test_seg_hidden_state_prompts_one_mask_per_seg(trained):

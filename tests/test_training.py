@@ -174,6 +174,7 @@ class OracleModel:
 
         self.blind, self.scope, self.normalization = blind, ModelScope(("CT",)), Normalization()
         self.reliability = ReliabilityPolicy(samples=2)
+        self.min_lesion_slices = 1
 
     def interpret(self, images, question, samples=0, temperature=0.7, seed=0):
         from inference.model.protocol import Answer, Interpretation

@@ -1,8 +1,12 @@
-"""UniBiomed's loss: L = L_text + 2 * BCE + 0.5 * Dice, with teacher forcing.
+"""UniBiomed's loss: L = L_text + 2 * BCE + 0.5 * Dice, with teacher forcing, plus 2 * BCE on clear slices.
 
 The answer is fed after the image tokens and the question; the text loss is the cross-entropy of the answer
 tokens (and EOS). Each [SEG] in the answer yields its hidden state at the position where [SEG] is fed
 (as at generation), which prompts the mask decoder; its mask is compared with the target mask.
+
+A slice with no finding ("No findings.") still teaches the decoder: the [SEG] query of an answer started as
+"It is [SEG]" must give an empty mask there. Without it the decoder only ever sees slices with a lesion and
+finds one everywhere; with it the decoder can decide (GroundedConfig.decision = "decoder").
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class LossParts:
     text: float
     bce: float
     dice: float
+    clear_bce: float = 0.0  # the empty-mask term of the clear slices
 
 
 def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question: str, answers: list[str],
@@ -42,9 +47,16 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
     # Position p - 1 + j predicts answer token j.
     logits = out.logits[:, p - 1:p - 1 + length].float()
     text = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.masked_fill(valid == 0, -100).reshape(-1), ignore_index=-100)
+    total = TEXT_WEIGHT * text
+    clear = [i for i, m in enumerate(masks) if not len(m)]
+    clear_bce = torch.zeros((), device=embeddings.device)
+    if clear:
+        logits, _ = network.decode_masks(embeddings[clear], network.query_states(embeddings[clear], question))
+        clear_bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+        total = total + BCE_WEIGHT * clear_bce
     seg_positions = (ids == network.token_id(SEG)) & (valid == 1)
     if not seg_positions.any():
-        return LossParts(TEXT_WEIGHT * text, float(text.detach()), 0.0, 0.0)
+        return LossParts(total, float(text.detach()), 0.0, 0.0, float(clear_bce.detach()))
     hidden = out.hidden_states[-1][:, p:p + length][seg_positions].float()  # (m, hidden), in sample order
     owners = torch.nonzero(seg_positions)[:, 0]
     predicted, _ = network.decode_masks(embeddings[owners], hidden)
@@ -52,5 +64,5 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
     bce = F.binary_cross_entropy_with_logits(predicted, target)
     probabilities = torch.sigmoid(predicted)
     dice = 1 - (2 * (probabilities * target).sum((1, 2)) + 1) / (probabilities.sum((1, 2)) + target.sum((1, 2)) + 1)
-    total = TEXT_WEIGHT * text + BCE_WEIGHT * bce + DICE_WEIGHT * dice.mean()
-    return LossParts(total, float(text.detach()), float(bce.detach()), float(dice.mean().detach()))
+    total = total + BCE_WEIGHT * bce + DICE_WEIGHT * dice.mean()
+    return LossParts(total, float(text.detach()), float(bce.detach()), float(dice.mean().detach()), float(clear_bce.detach()))

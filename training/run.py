@@ -26,7 +26,9 @@ from training.trainer import TrainConfig, Trainer, TrainingSet
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ARCHITECTURE = dataclasses.replace(GroundedConfig(), image_tokens_side=8).to_dict()
+# The mask decoder decides (GroundedConfig): on held-out synthetic subjects it found twice the lesion slices
+# the language model did, at the same false positives (README, "what was tried").
+DEFAULT_ARCHITECTURE = dataclasses.replace(GroundedConfig(), image_tokens_side=8, decision="decoder").to_dict()
 
 
 class TrainingDataError(ValueError):
@@ -46,6 +48,7 @@ class TrainRequest:
     description: str = ""
     command: str = ""
     architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    min_lesion_slices: int = 2  # the operating point written into the card (ModelCard.min_lesion_slices)
 
 
 def check_labels(items: list[LabeledSeries]) -> list[str]:
@@ -91,6 +94,7 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
     torch.manual_seed(request.config.seed)
     modalities = tuple(sorted({i.modality for i in items}))
     card = ModelCard(name="dicom-node built-in", version=request.version, architecture=request.architecture,
+                     min_lesion_slices=request.min_lesion_slices,
                      modalities=modalities, findings=tuple(labels), training_data=request.description)
     model = BuiltinModel.new(card, device=pick_device(request.device))
     cache = EmbeddingCache(request.cache, model)

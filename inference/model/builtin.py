@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard, sha256_of
 from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
 from inference.model.litemedsam import WeightsError, load_litemedsam
-from inference.model.protocol import Answer, Interpretation, ModelScope
+from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class BuiltinModel:
         self.version = card.version
         self.normalization = card.normalization
         self.reliability = card.reliability
+        self.min_lesion_slices = card.min_lesion_slices
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
 
     @classmethod
@@ -114,10 +115,28 @@ class BuiltinModel:
 
     def _answers(self, embeddings: torch.Tensor, question: str, temperature: float,
                  generator: torch.Generator | None) -> list[Answer]:
+        """One answer per slice, decided by the language model or by the mask decoder (GroundedConfig)."""
+        config = self.network.config
+        if config.decision == "language":
+            return self._generated(embeddings, question, temperature, generator)
         start = time.perf_counter()
-        generations = self.network.generate(embeddings, question, temperature, generator)
-        self.timings["language_model"] += time.perf_counter() - start
-        start = time.perf_counter()
+        logits, _ = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question))
+        found = torch.nonzero((logits > 0).sum(dim=(1, 2)) >= config.min_mask_pixels).flatten().tolist()
+        self.timings["mask_decoder"] += time.perf_counter() - start
+        empty = np.zeros((0, self.input_size, self.input_size), dtype=bool)
+        answers = [Answer(NO_FINDINGS, empty, np.zeros(0, dtype=np.float32)) for _ in range(len(embeddings))]
+        if found:
+            generated = self._generated(embeddings[found], question, temperature, generator, self.network.query_ids())
+            for i, answer in zip(found, generated):
+                answers[i] = answer
+        return answers
+
+    def _generated(self, embeddings: torch.Tensor, question: str, temperature: float,
+                   generator: torch.Generator | None, start: list[int] | None = None) -> list[Answer]:
+        start_time = time.perf_counter()
+        generations = self.network.generate(embeddings, question, temperature, generator, start)
+        self.timings["language_model"] += time.perf_counter() - start_time
+        start_time = time.perf_counter()
         owners = [i for i, g in enumerate(generations) for _ in range(len(g.seg_hidden))]
         masks = np.zeros((0, self.input_size, self.input_size), dtype=bool)
         scores = np.zeros(0, dtype=np.float32)
@@ -125,7 +144,7 @@ class BuiltinModel:
             hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
             logits, iou = self.network.decode_masks(embeddings[owners], hidden)
             masks, scores = (logits > 0).cpu().numpy(), iou.float().cpu().numpy()
-        self.timings["mask_decoder"] += time.perf_counter() - start
+        self.timings["mask_decoder"] += time.perf_counter() - start_time
         answers, start = [], 0
         for g in generations:
             count = len(g.seg_hidden)

@@ -44,6 +44,11 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     intended_use: str = "Research and engineering only. Not a medical device; not for diagnosis."
     weights_sha256: str = ""
+    min_lesion_slices: int = 1  # a 3D lesion must be seen on this many slices: part of the model's operating point
+
+    def __post_init__(self) -> None:
+        if self.min_lesion_slices < 1:
+            raise ValueError("min_lesion_slices must be at least 1")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

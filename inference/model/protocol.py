@@ -76,6 +76,7 @@ class GroundedModel(Protocol):
     version: str
     normalization: Normalization
     reliability: ReliabilityPolicy
+    min_lesion_slices: int  # 3D lesions seen on fewer slices are dropped (1: none)
 
     def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7,
                   seed: int = 0) -> list[Interpretation]:

@@ -43,6 +43,7 @@ class UniBiomedModel:
         self.scope = scope
         self.normalization = normalization
         self.reliability = ReliabilityPolicy(samples=0)
+        self.min_lesion_slices = 1
         self.version = f"{getattr(self.model.config, 'model_type', 'unibiomed')}@{Path(path).name}"
 
     def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7,
