@@ -60,6 +60,7 @@ def main() -> None:
             config = write_node_config(tmp_path / "node", node_port, peers, extra=extra)
             node = start_node(config, node_port, tmp_path / "node")
             try:
+                _wait_for_model(tmp_path / "node" / "node.log")  # a node in service has its model loaded
                 result = storescu(node_port, paths, "DICOM_NODE")
                 assert result.returncode == 0, result.stderr
                 sr_seen = _wait_for_sr(pacs)
@@ -71,6 +72,15 @@ def main() -> None:
         print(f"{name:28} {value:8.2f}" if isinstance(value, float) else f"{name:28} {value}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def _wait_for_model(log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log.is_file() and "loaded in" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the node did not load its model within {timeout_s:.0f} s (see {log})")
 
 
 def _wait_for_sr(pacs, timeout_s: float = 3600) -> datetime:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 from inference.model.card import CARD_FILE
@@ -38,7 +39,9 @@ class ModelCache:
         with self._lock:
             if path not in self._models:
                 logger.info("loading model from %s", path)
+                started = time.perf_counter()
                 self._models[path] = load_model(path, self._device)
+                logger.info("model %s loaded in %.1f s", self._models[path].version, time.perf_counter() - started)
             return self._models[path]
 
 
