@@ -75,7 +75,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version,
-                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed), resume=args.resume, min_lesion_slices=args.min_lesion_slices,
+                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed), resume=args.resume,
+                           min_lesion_slices=args.min_lesion_slices,
                            device=config.jobs.device, description="; ".join(described),
                            command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
     try:

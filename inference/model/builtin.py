@@ -109,7 +109,9 @@ class BuiltinModel:
             sampled: tuple[Answer, ...] = ()
             if samples and len(answer.masks):
                 repeated = embeddings[i:i + 1].expand(samples, -1, -1, -1)
-                sampled = tuple(self._answers(repeated, question, temperature, generator))
+                # The slice is known to have a finding: with the decoder deciding, its gate would only repeat
+                # the greedy answer's, so the samples start from the answer's start as that one did.
+                sampled = tuple(self._generated(repeated, question, temperature, generator, self._answer_start()))
             results.append(Interpretation(answer, sampled))
         return results
 
@@ -126,10 +128,14 @@ class BuiltinModel:
         empty = np.zeros((0, self.input_size, self.input_size), dtype=bool)
         answers = [Answer(NO_FINDINGS, empty, np.zeros(0, dtype=np.float32)) for _ in range(len(embeddings))]
         if found:
-            generated = self._generated(embeddings[found], question, temperature, generator, self.network.query_ids())
+            generated = self._generated(embeddings[found], question, temperature, generator, self._answer_start())
             for i, answer in zip(found, generated):
                 answers[i] = answer
         return answers
+
+    def _answer_start(self) -> list[int] | None:
+        """The tokens an answer with a finding is started with: "It is [SEG]" when the decoder decides."""
+        return self.network.query_ids() if self.network.config.decision == "decoder" else None
 
     def _generated(self, embeddings: torch.Tensor, question: str, temperature: float,
                    generator: torch.Generator | None, start: list[int] | None = None) -> list[Answer]:
