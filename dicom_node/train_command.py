@@ -29,8 +29,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--version", help="version name (default: train-<UTC time>)")
     train.add_argument("--steps", type=int, help="optimiser steps (default: the trainer's, 600)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--min-lesion-slices", type=int, default=2, metavar="N",
-                       help="the model's operating point: 3D lesions seen on fewer slices are dropped (default 2)")
+    train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
+                       help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
+                            "modalities or per modality, e.g. CT=2,MR=3 (default 2)")
     train.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
     train.add_argument("--data", type=Path, help="folder for synthetic data and the encoder cache (default: <storage>/training)")
     train.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
@@ -97,9 +98,23 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def lesion_slices_argument(text: str) -> int | dict[str, int]:
+    """"2" -> 2; "CT=2,MR=3" -> {"CT": 2, "MR": 3} (ModelCard.min_lesion_slices)."""
+    try:
+        if "=" not in text:
+            value: int | dict[str, int] = int(text)
+        else:
+            value = {name.strip().upper(): int(number) for name, number in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MODALITY=N,... (e.g. CT=2,MR=3), not {text!r}") from None
+    if any(v < 1 for v in (value.values() if isinstance(value, dict) else [value])):
+        raise argparse.ArgumentTypeError(f"every slice count must be at least 1 (N or MODALITY=N,..., e.g. CT=2,MR=3): {text!r}")
+    return value
+
+
 def _print_metrics(metrics: dict) -> None:
     keys = ("lesion_sensitivity", "false_positives_per_volume", "mean_dice_detected_lesions", "finding_accuracy",
-            "slice_dice", "bleu1", "meteor", "rouge_l")
+            "answer_finding_accuracy", "slice_dice", "bleu1", "meteor", "rouge_l")
     for group, values in metrics.items():
         if group == "training":
             continue

@@ -72,9 +72,7 @@ def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float
 
 def _lesion(volume: Volume, label: str, mask: np.ndarray, findings: list[SliceFinding]) -> Lesion:
     slices = np.flatnonzero(mask.any(axis=(1, 2)))
-    thickness = _slice_thickness(volume)
-    pixel_area = volume.spacing[0] * volume.spacing[1]
-    volume_ml = float(sum(mask[k].sum() * pixel_area * thickness[k] for k in slices) / 1000.0)
+    volume_ml = mask_volume_ml(volume, mask)
     touching = [f for f in findings if f.slice_index in set(slices.tolist()) and (f.mask & mask[f.slice_index]).any()]
     levels = [f.reliability for f in touching] or [Reliability.UNKNOWN]
     return Lesion(
@@ -88,6 +86,13 @@ def _lesion(volume: Volume, label: str, mask: np.ndarray, findings: list[SliceFi
         mean_score=float(np.mean([f.score for f in touching])) if touching else 0.0,
         texts=sorted({f.text for f in touching if f.text}),
     )
+
+
+def mask_volume_ml(volume: Volume, mask: np.ndarray) -> float:
+    """The volume of a 3D mask of ``volume`` in ml, each slice as thick as its share of the gaps."""
+    thickness = _slice_thickness(volume)
+    pixel_area = volume.spacing[0] * volume.spacing[1]
+    return float(sum(mask[k].sum() * pixel_area * thickness[k] for k in np.flatnonzero(mask.any(axis=(1, 2)))) / 1000.0)
 
 
 def _slice_thickness(volume: Volume) -> np.ndarray:

@@ -85,7 +85,7 @@ TINY = {"hidden_size": 64, "layers": 2, "heads": 2, "max_new_tokens": 24}
 def tiny_card(**changes):
     from inference.model.card import ModelCard
 
-    return ModelCard(name="tiny", version="0.0.1-test", architecture=TINY, modalities=("CT", "MR"), **changes)
+    return ModelCard(**{"name": "tiny", "version": "0.0.1-test", "architecture": TINY, "modalities": ("CT", "MR")} | changes)
 
 
 def _question() -> str:

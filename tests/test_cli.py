@@ -61,3 +61,17 @@ def test_options_work_before_and_after_the_command(tmp_path, capsys):
     assert main(["--config", str(config), "config", "check"]) == 0
     assert str(config) in capsys.readouterr().out
     assert main(["config", "check", "--config", str(config)]) == 0
+
+
+@pytest.mark.parametrize("text,value", [("2", 2), ("CT=2,MR=3", {"CT": 2, "MR": 3}), ("mr=4", {"MR": 4})])
+def test_the_operating_point_is_given_for_all_modalities_or_per_modality(text, value):
+    from dicom_node.train_command import lesion_slices_argument
+
+    assert lesion_slices_argument(text) == value
+
+
+@pytest.mark.parametrize("bad", ["0", "CT", "CT=two", "CT=2,MR=0"])
+def test_a_bad_operating_point_stops_the_command_with_the_expected_form(bad, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--min-lesion-slices", bad, "--help"])
+    assert stopped.value.code == 2 and "CT=2,MR=3" in capsys.readouterr().err

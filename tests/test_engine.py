@@ -66,6 +66,14 @@ def test_lesion_lands_on_the_source_pixels_with_measurements():
     assert [s.sop_instance_uid for s in lesion.sources] == [f"1.2.3.9.{k}" for k in range(4, 8)]
 
 
+@pytest.mark.parametrize("operating_point,kept", [({"CT": 5, "MR": 2}, False), ({"CT": 4, "MR": 9}, True), (4, True), (5, False)])
+def test_the_operating_point_of_the_series_modality_applies(operating_point, kept):
+    """The lesion spans 4 slices: a model that requires 5 CT slices drops it, whatever it asks of MR."""
+    model = ThresholdModel()
+    model.min_lesion_slices = operating_point
+    assert bool(interpret_volume(ct_volume(), model).lesions) is kept
+
+
 def test_series_outside_scope_is_not_assessed_never_no_findings():
     volume = ct_volume()
     volume.modality = "MR"

@@ -64,16 +64,66 @@ def test_the_mask_decoder_decides_when_the_card_says_so(trained, tmp_path):
     for predicted, expected in zip(results[0].answer.masks, targets[0]):
         assert (predicted & expected).sum() / (predicted | expected).sum() > 0.8
     assert results[1].answer.masks.shape == (0, 256, 256) and len(results[0].samples) == 2
+    card["architecture"]["mask_threshold"] = 0.02  # a looser threshold: the same findings, larger masks
+    card_path.write_text(json.dumps(card))
+    loose = BuiltinModel.load(tmp_path / "ckpt").interpret(images, QUESTION)
+    assert [r.answer.text for r in loose] == [r.answer.text for r in results]
+    assert (loose[0].answer.masks >= results[0].answer.masks).all() and loose[0].answer.masks.sum() > results[0].answer.masks.sum()
+    card["architecture"]["mask_threshold"] = 0.5
     card["architecture"]["min_mask_pixels"] = 256 * 256  # no mask is that large: nothing is a finding
     card_path.write_text(json.dumps(card))
     blind = BuiltinModel.load(tmp_path / "ckpt")
     assert [r.answer.text for r in blind.interpret(images, QUESTION)] == ["No findings.", "No findings."]
 
 
-@pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}])
+@pytest.mark.parametrize("operating_point", [0, {"CT": 2, "MR": 0}, {"CT": "2"}])
+def test_a_card_refuses_an_impossible_operating_point(operating_point):
+    from tests.conftest import tiny_card
+
+    with pytest.raises(ValueError, match="min_lesion_slices"):
+        tiny_card(min_lesion_slices=operating_point)
+    assert tiny_card(min_lesion_slices={"CT": 2, "MR": 3}).min_lesion_slices == {"CT": 2, "MR": 3}
+
+
+@pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}, {"mask_threshold": 0.0}, {"mask_threshold": 1.0}])
 def test_an_unknown_decision_rule_is_refused(change):
     with pytest.raises(ValueError):
         GroundedConfig(**change)
+
+
+def test_region_tokens_feed_generation_what_training_feeds():
+    """With region tokens the token after each [SEG] carries its mask's region: generation (token by token,
+    decoding each mask as its [SEG] state appears) and the teacher-forced pass of training must see the same
+    inputs, or the label the model learnt to read from the region is not the one it reads when it answers."""
+    from tests.conftest import TINY, tiny_card
+    from training.loss import teacher_forced
+
+    torch.manual_seed(0)
+    network = BuiltinModel.new(tiny_card(architecture=TINY | {"decision": "decoder", "region_tokens": True})).network.eval()
+    embeddings = torch.randn(2, 256, 64, 64)
+    start = network.query_ids()
+    states: list[torch.Tensor] = []
+    hook = network.language_model.model.norm.register_forward_hook(lambda module, args, out: states.append(out.float()))
+    try:
+        generations = network.generate(embeddings, QUESTION, start=start)
+    finally:
+        hook.remove()
+    generated_states = torch.cat(states, dim=1)  # every fed position: image tokens, question, answer
+    with torch.no_grad():
+        masks = [torch.sigmoid(g.mask_logits) for g in generations]
+        forced = teacher_forced(network, embeddings, QUESTION, [network.answer_text(g.token_ids) for g in generations], masks)
+        blank = teacher_forced(network, embeddings, QUESTION, [network.answer_text(g.token_ids) for g in generations],
+                               [torch.zeros_like(m) for m in masks])
+    prefix = network.prompt_embeddings(embeddings, QUESTION).shape[1]
+    for i, generation in enumerate(generations):
+        count = len(generation.token_ids)
+        assert count > len(start) + 1 and forced.ids[i, :count].tolist() == generation.token_ids
+        # generation feeds its last token without a next one; the pass of training sees all of them
+        fed = generated_states[i, prefix:prefix + count - 1]
+        torch.testing.assert_close(forced.hidden[i, :count - 1], fed, atol=2e-4, rtol=1e-3)
+        after_seg = len(start)  # the position after the forced start's [SEG]: it holds the region
+        assert not torch.allclose(blank.hidden[i, after_seg], fed[after_seg], atol=1e-3)
+        torch.testing.assert_close(blank.hidden[i, :after_seg], fed[:after_seg], atol=2e-4, rtol=1e-3)
 
 
 def test_seg_hidden_state_prompts_one_mask_per_seg(trained):

@@ -167,14 +167,14 @@ class OracleModel:
     input_size = 64
     version = "oracle"
 
-    def __init__(self, blind=False):
+    def __init__(self, blind=False, min_lesion_slices=1):
         from inference.model.card import ReliabilityPolicy
         from inference.model.protocol import ModelScope
         from inference.preprocess import Normalization
 
         self.blind, self.scope, self.normalization = blind, ModelScope(("CT",)), Normalization()
         self.reliability = ReliabilityPolicy(samples=2)
-        self.min_lesion_slices = 1
+        self.min_lesion_slices = min_lesion_slices
 
     def interpret(self, images, question, samples=0, temperature=0.7, seed=0):
         from inference.model.protocol import Answer, Interpretation
@@ -198,17 +198,25 @@ def test_evaluation_scores_a_perfect_and_a_blind_model_through_the_engine(tmp_pa
     mask[2:5, 20:40, 22:40] = True
     mask[6, 50:56, 50:56] = True  # a second lesion, one slice
     voxels[mask] = 400.0
+    mask[7, 10, 10] = True  # a faint speck of 0.005 ml, under what the node reports (0.05 ml): no lesion to find
+    voxels[7, 10, 10] = 150.0
     paths = write_series(tmp_path / "ct", voxels, SeriesHeader("S1", "CT"), 1.0, 5.0)
     item = LabeledSeries("S1", "CT", paths, write_ground_truth(tmp_path / "seg.dcm", paths, {"Liver tumor": mask}), ("Liver tumor",))
 
     perfect = evaluate([item], OracleModel())["CT"]
-    assert perfect["true_lesions"] == 2 and perfect["lesion_sensitivity"] == 1.0
+    assert perfect["true_lesions"] == 2 and perfect["true_lesions_below_reportable"] == 1
+    assert perfect["lesion_sensitivity"] == 1.0
     assert perfect["false_positives_per_volume"] == 0.0 and perfect["mean_dice_detected_lesions"] == 1.0
     assert perfect["finding_accuracy"] == 1.0 and perfect["bleu1"] == 1.0 and perfect["slice_dice"] == 1.0
     assert perfect["reliability_calibration"] == {"high": {"slices": 4, "error_rate": 0.0}}
     blind = evaluate([item], OracleModel(blind=True))["CT"]
     assert blind["lesion_sensitivity"] == 0.0 and blind["finding_accuracy"] == pytest.approx(4 / 8)
     assert blind["mean_dice_detected_lesions"] is None and blind["slice_dice"] == 0.0
+    # A model whose operating point drops single-slice lesions: its answer on slice 6 was right, but the node
+    # sends nothing there; finding accuracy is what the node sends, answer_finding_accuracy what it answered.
+    strict = evaluate([item], OracleModel(min_lesion_slices=2))["CT"]
+    assert strict["lesion_sensitivity"] == 0.5 and strict["false_positives_per_volume"] == 0.0
+    assert strict["finding_accuracy"] == pytest.approx(7 / 8) and strict["answer_finding_accuracy"] == 1.0
 
 
 @pytest.mark.slow

@@ -2,12 +2,17 @@
 
 Per series: the engine interprets the volume exactly as for a received series (the encoder's outputs come
 from the cache); an observer records every slice's answer. Against the ground-truth SEG:
-- slice level: finding accuracy (the set of findings named equals the reference's), Dice of the masks on
-  slices where the truth has a finding, BLEU-1 / METEOR / ROUGE-L of the answer text against the reference
-  answer ("It is [SEG]. Brain tumor." or "No findings.");
+- slice level: finding accuracy (the set of findings on the slice equals the reference's), on what the node
+  sends (its 3D lesions, i.e. the SEG's segments: after single-slice spots and specks are dropped) and on the
+  model's raw per-slice answers (``answer_finding_accuracy``); Dice of the answers' masks on slices where the
+  truth has a finding; BLEU-1 / METEOR / ROUGE-L of the answer text against the reference answer
+  ("It is [SEG]. Brain tumor." or "No findings.");
 - lesion level (3D): a true lesion (26-connected component of a label's mask) is detected when a predicted
   lesion overlaps it; sensitivity, false-positive lesions per volume, mean Dice of the detected lesions
-  (against the predicted lesions that overlap each);
+  (against the predicted lesions that overlap each). True lesions smaller than the node reports
+  (``EngineConfig.min_volume_ml``, 0.05 ml: specks of a few voxels that the synthesis's partial volume leaves
+  beside a tumour) are neither lesions to find nor findings on their slices (``true_lesions_below_reportable``
+  counts them), as detection challenges set a smallest lesion; a predicted lesion on one is no false positive;
 - reliability calibration: on slices with a predicted finding, the error rate per reliability level.
 """
 
@@ -22,11 +27,12 @@ from pydicom import dcmread
 from scipy import ndimage
 
 from inference.engine import EngineConfig, interpret_volume
+from inference.findings import Lesion, mask_volume_ml
 from inference.ground_truth import read_segmentation
 from inference.model.protocol import NO_FINDINGS, Interpretation, normalize_finding
 from inference.preprocess import SliceTransform
 from inference.reliability import level, semantic_entropy
-from inference.slicing import load_series
+from inference.slicing import Volume, load_series
 from training.dataset import finding_label
 from training.sources import LabeledSeries
 from training.text_metrics import bleu1, meteor, rouge_l
@@ -36,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SliceRecord:
-    findings: frozenset[str]
+    findings: frozenset[str]  # named by the model's answer on this slice
     reference: frozenset[str]
+    output: frozenset[str]  # of the 3D lesions the node reports that cover this slice
     text: str
     reference_text: str
     dice: float | None  # only where the truth has a finding
@@ -49,6 +56,7 @@ class SeriesRecord:
     modality: str
     slices: list[SliceRecord] = field(default_factory=list)
     true_lesions: int = 0
+    below_reportable: int = 0
     detected: int = 0
     false_positives: int = 0
     lesion_dice: list[float] = field(default_factory=list)
@@ -58,22 +66,73 @@ def reference_answer(labels: list[str]) -> str:
     return " ".join(f"It is [SEG]. {label}." for label in labels) if labels else NO_FINDINGS
 
 
-def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore[no-untyped-def]
-    volume = load_series(item.series)
+@dataclass(frozen=True)
+class LesionScore:
+    true_lesions: int
+    detected: int
+    false_positives: int
+    dice: list[float]  # per detected lesion
+
+
+def read_truth(item: LabeledSeries, volume: Volume, min_volume_ml: float) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Per finding label, the ground truth's mask on ``volume``'s grid, without components under
+    ``min_volume_ml`` (returned apart as specks: the node never reports those, so they are neither lesions to
+    find nor slices with a finding)."""
     truth: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(volume.voxels.shape, bool))
     for segment in read_segmentation(item.segmentation, volume):
         if segment.mask.any():
             truth[finding_label(segment.label)] |= segment.mask
-    truth = dict(truth)
+    kept: dict[str, np.ndarray] = {}
+    specks: list[np.ndarray] = []
+    for label, mask in truth.items():
+        mask = mask.copy()
+        for component in _components(mask):
+            if mask_volume_ml(volume, component) < min_volume_ml:
+                mask &= ~component
+                specks.append(component)
+        if mask.any():
+            kept[label] = mask
+    return kept, specks
+
+
+def score_lesions(truth: dict[str, np.ndarray], specks: list[np.ndarray], predicted: list[np.ndarray]) -> LesionScore:
+    """A true lesion is detected when a predicted one overlaps it; a predicted lesion that overlaps no true
+    lesion and no speck is a false positive."""
+    hit = [any((p & speck).any() for speck in specks) for p in predicted]
+    true_lesions, detected, dice = 0, 0, []
+    for lesion in (lesion for mask in truth.values() for lesion in _components(mask)):
+        true_lesions += 1
+        overlapping = [i for i, p in enumerate(predicted) if (p & lesion).any()]
+        if overlapping:
+            detected += 1
+            dice.append(_dice(np.any([predicted[i] for i in overlapping], axis=0), lesion))
+            for i in overlapping:
+                hit[i] = True
+    return LesionScore(true_lesions, detected, hit.count(False), dice)
+
+
+def slice_reference(truth: dict[str, np.ndarray], k: int) -> frozenset[str]:
+    return frozenset(normalize_finding(label) for label, mask in truth.items() if mask[k].any())
+
+
+def slice_output(lesions: list[Lesion], k: int) -> frozenset[str]:
+    """The findings the node reports on slice ``k``: those of its 3D lesions that cover it."""
+    return frozenset(normalize_finding(lesion.label) for lesion in lesions if lesion.mask[k].any())
+
+
+def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore[no-untyped-def]
+    volume = load_series(item.series)
+    config = EngineConfig()
+    truth, specks = read_truth(item, volume, config.min_volume_ml)
     seen: dict[int, tuple[Interpretation, SliceTransform]] = {}
     body_part = str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
-    result = interpret_volume(volume, model, EngineConfig(), body_part,
+    result = interpret_volume(volume, model, config, body_part,
                               observe=lambda k, interpretation, transform: seen.__setitem__(k, (interpretation, transform)))
-    record = SeriesRecord(volume.modality)
+    record = SeriesRecord(volume.modality, below_reportable=len(specks))
     policy = model.reliability
     for k in range(volume.voxels.shape[0]):
         labels = sorted(label for label, mask in truth.items() if mask[k].any())
-        reference = frozenset(normalize_finding(l) for l in labels)
+        reference = slice_reference(truth, k)
         truth_mask = np.any([mask[k] for mask in truth.values()], axis=0) if truth else np.zeros(volume.voxels.shape[1:], bool)
         if k in seen:
             interpretation, transform = seen[k]
@@ -85,23 +144,17 @@ def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore
         else:
             predicted_mask, text, findings, reliability = np.zeros(truth_mask.shape, bool), NO_FINDINGS, frozenset(), ""
         dice = _dice(predicted_mask, truth_mask) if truth_mask.any() else None
-        record.slices.append(SliceRecord(findings, reference, text, reference_answer(labels), dice, reliability))
-    predicted = [lesion.mask for lesion in result.lesions]
-    hit = [False] * len(predicted)
-    for mask in truth.values():
-        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        for number in range(1, count + 1):
-            lesion = components == number
-            record.true_lesions += 1
-            overlapping = [i for i, p in enumerate(predicted) if (p & lesion).any()]
-            if overlapping:
-                record.detected += 1
-                union = np.any([predicted[i] for i in overlapping], axis=0)
-                record.lesion_dice.append(_dice(union, lesion))
-                for i in overlapping:
-                    hit[i] = True
-    record.false_positives = hit.count(False)
+        record.slices.append(SliceRecord(findings, reference, slice_output(result.lesions, k), text,
+                                         reference_answer(labels), dice, reliability))
+    score = score_lesions(truth, specks, [lesion.mask for lesion in result.lesions])
+    record.true_lesions, record.detected, record.false_positives = score.true_lesions, score.detected, score.false_positives
+    record.lesion_dice = score.dice
     return record
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    return [components == number for number in range(1, count + 1)]
 
 
 def summarize(records: list[SeriesRecord]) -> dict:
@@ -119,11 +172,13 @@ def summarize(records: list[SeriesRecord]) -> dict:
         "volumes": len(records),
         "slices": len(slices),
         "true_lesions": true_lesions,
+        "true_lesions_below_reportable": sum(r.below_reportable for r in records),
         "lesion_sensitivity": round(sum(r.detected for r in records) / true_lesions, 4) if true_lesions else None,
         "false_positives_per_volume": round(sum(r.false_positives for r in records) / max(len(records), 1), 4),
         "mean_dice_detected_lesions": round(float(np.mean(dices)), 4) if dices else None,
         "slice_dice": round(float(np.mean(slice_dice)), 4) if slice_dice else None,
-        "finding_accuracy": round(sum(s.findings == s.reference for s in slices) / max(len(slices), 1), 4),
+        "finding_accuracy": round(sum(s.output == s.reference for s in slices) / max(len(slices), 1), 4),
+        "answer_finding_accuracy": round(sum(s.findings == s.reference for s in slices) / max(len(slices), 1), 4),
         "bleu1": round(float(np.mean([bleu1(s.text, s.reference_text) for s in slices])), 4) if slices else None,
         "meteor": round(float(np.mean([meteor(s.text, s.reference_text) for s in slices])), 4) if slices else None,
         "rouge_l": round(float(np.mean([rouge_l(s.text, s.reference_text) for s in slices])), 4) if slices else None,

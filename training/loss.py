@@ -7,6 +7,9 @@ tokens (and EOS). Each [SEG] in the answer yields its hidden state at the positi
 A slice with no finding ("No findings.") still teaches the decoder: the [SEG] query of an answer started as
 "It is [SEG]" must give an empty mask there. Without it the decoder only ever sees slices with a lesion and
 finds one everywhere; with it the decoder can decide (GroundedConfig.decision = "decoder").
+
+With ``region_tokens`` the token after each [SEG] carries the region of that [SEG]'s true mask (teacher
+forcing, as the answer's own tokens are).
 """
 
 from __future__ import annotations
@@ -31,21 +34,49 @@ class LossParts:
     clear_bce: float = 0.0  # the empty-mask term of the clear slices
 
 
-def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question: str, answers: list[str],
-                  masks: list[torch.Tensor]) -> LossParts:
-    """``embeddings`` (n, 256, 64, 64); ``answers`` n texts; ``masks`` n tensors (n_seg_i, 256, 256) in {0, 1}."""
+@dataclass(frozen=True)
+class TeacherForced:
+    """The language model's outputs over given answers: position j of ``logits`` predicts answer token j;
+    ``hidden`` at j is the last layer's state where answer token j is fed (a [SEG]'s state, at a [SEG])."""
+
+    ids: torch.Tensor  # (n, length) answer tokens and EOS, padded
+    valid: torch.Tensor  # (n, length) 1 where ``ids`` is not padding
+    logits: torch.Tensor  # (n, length, vocabulary)
+    hidden: torch.Tensor  # (n, length, hidden)
+
+
+def teacher_forced(network: GroundedSegmenter, embeddings: torch.Tensor, question: str, answers: list[str],
+                   masks: list[torch.Tensor]) -> TeacherForced:
+    """One pass over the answers fed in whole, as generation would have fed them token by token (with
+    ``region_tokens``, the token after each [SEG] carries the region of that [SEG]'s mask in ``masks``)."""
     prefix = network.prompt_embeddings(embeddings, question)  # (n, p, hidden)
     answer_ids = [encode(network.tokenizer, a) + [network.token_id(EOS)] for a in answers]
     length = max(len(ids) for ids in answer_ids)
     pad = network.token_id(PAD)
     ids = torch.tensor([a + [pad] * (length - len(a)) for a in answer_ids], device=embeddings.device)
     valid = torch.tensor([[1] * len(a) + [0] * (length - len(a)) for a in answer_ids], device=embeddings.device)
-    inputs = torch.cat([prefix, network.language_model.get_input_embeddings()(ids)], dim=1)
+    tokens = network.language_model.get_input_embeddings()(ids)
+    seg_positions = (ids == network.token_id(SEG)) & (valid == 1)
+    if network.config.region_tokens and seg_positions.any():
+        where = torch.nonzero(seg_positions)
+        region = network.region_embeddings(embeddings[where[:, 0]], torch.cat([m for m in masks if len(m)]).to(embeddings.device))
+        after = where[:, 1] + 1 < length
+        added = torch.zeros_like(tokens)
+        added[where[after, 0], where[after, 1] + 1] = region[after].to(tokens.dtype)
+        tokens = tokens + added
+    inputs = torch.cat([prefix, tokens], dim=1)
     attention = torch.cat([torch.ones(prefix.shape[:2], dtype=valid.dtype, device=valid.device), valid], dim=1)
     out = network.language_model(inputs_embeds=inputs, attention_mask=attention, output_hidden_states=True)
     p = prefix.shape[1]
-    # Position p - 1 + j predicts answer token j.
-    logits = out.logits[:, p - 1:p - 1 + length].float()
+    return TeacherForced(ids, valid, out.logits[:, p - 1:p - 1 + length].float(), out.hidden_states[-1][:, p:p + length].float())
+
+
+def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question: str, answers: list[str],
+                  masks: list[torch.Tensor]) -> LossParts:
+    """``embeddings`` (n, 256, 64, 64); ``answers`` n texts; ``masks`` n tensors (n_seg_i, 256, 256) in {0, 1}."""
+    forced = teacher_forced(network, embeddings, question, answers, [m.float() for m in masks])
+    ids, valid, logits = forced.ids, forced.valid, forced.logits
+    seg_positions = (ids == network.token_id(SEG)) & (valid == 1)
     text = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.masked_fill(valid == 0, -100).reshape(-1), ignore_index=-100)
     total = TEXT_WEIGHT * text
     clear = [i for i, m in enumerate(masks) if not len(m)]
@@ -54,10 +85,9 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
         logits, _ = network.decode_masks(embeddings[clear], network.query_states(embeddings[clear], question))
         clear_bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
         total = total + BCE_WEIGHT * clear_bce
-    seg_positions = (ids == network.token_id(SEG)) & (valid == 1)
     if not seg_positions.any():
         return LossParts(total, float(text.detach()), 0.0, 0.0, float(clear_bce.detach()))
-    hidden = out.hidden_states[-1][:, p:p + length][seg_positions].float()  # (m, hidden), in sample order
+    hidden = forced.hidden[seg_positions]  # (m, hidden), in sample order
     owners = torch.nonzero(seg_positions)[:, 0]
     predicted, _ = network.decode_masks(embeddings[owners], hidden)
     target = torch.cat([m for m in masks if len(m)]).float().to(predicted.device)

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 # The mask decoder decides (GroundedConfig): on held-out synthetic subjects it found twice the lesion slices
 # the language model did, at the same false positives (README, "what was tried").
-DEFAULT_ARCHITECTURE = dataclasses.replace(GroundedConfig(), image_tokens_side=8, decision="decoder").to_dict()
+# min_mask_pixels: chosen on validation subjects (benchmarks/operating_point.py; README)
+DEFAULT_ARCHITECTURE = dataclasses.replace(GroundedConfig(), image_tokens_side=8, decision="decoder",
+                                           region_tokens=True, min_mask_pixels=5).to_dict()
 
 
 class TrainingDataError(ValueError):
@@ -48,7 +50,7 @@ class TrainRequest:
     description: str = ""
     command: str = ""
     architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
-    min_lesion_slices: int = 2  # the operating point written into the card (ModelCard.min_lesion_slices)
+    min_lesion_slices: int | dict[str, int] = 2  # the operating point written into the card (ModelCard.min_lesion_slices)
 
 
 def check_labels(items: list[LabeledSeries]) -> list[str]:

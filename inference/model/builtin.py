@@ -123,7 +123,7 @@ class BuiltinModel:
             return self._generated(embeddings, question, temperature, generator)
         start = time.perf_counter()
         logits, _ = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question))
-        found = torch.nonzero((logits > 0).sum(dim=(1, 2)) >= config.min_mask_pixels).flatten().tolist()
+        found = torch.nonzero((logits > config.mask_logit).sum(dim=(1, 2)) >= config.min_mask_pixels).flatten().tolist()
         self.timings["mask_decoder"] += time.perf_counter() - start
         empty = np.zeros((0, self.input_size, self.input_size), dtype=bool)
         answers = [Answer(NO_FINDINGS, empty, np.zeros(0, dtype=np.float32)) for _ in range(len(embeddings))]
@@ -146,10 +146,13 @@ class BuiltinModel:
         owners = [i for i, g in enumerate(generations) for _ in range(len(g.seg_hidden))]
         masks = np.zeros((0, self.input_size, self.input_size), dtype=bool)
         scores = np.zeros(0, dtype=np.float32)
-        if owners:
+        if owners and all(g.mask_logits is not None for g in generations):  # decoded during generation
+            logits, iou = torch.cat([g.mask_logits for g in generations]), torch.cat([g.iou for g in generations])
+            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), iou.float().cpu().numpy()
+        elif owners:
             hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
             logits, iou = self.network.decode_masks(embeddings[owners], hidden)
-            masks, scores = (logits > 0).cpu().numpy(), iou.float().cpu().numpy()
+            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), iou.float().cpu().numpy()
         self.timings["mask_decoder"] += time.perf_counter() - start_time
         answers, start = [], 0
         for g in generations:

@@ -44,11 +44,14 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     intended_use: str = "Research and engineering only. Not a medical device; not for diagnosis."
     weights_sha256: str = ""
-    min_lesion_slices: int = 1  # a 3D lesion must be seen on this many slices: part of the model's operating point
+    # A 3D lesion must be seen on this many slices: part of the model's operating point; one number, or one
+    # per modality ({"CT": 2, "MR": 3}; a modality not named: 1).
+    min_lesion_slices: int | dict[str, int] = 1
 
     def __post_init__(self) -> None:
-        if self.min_lesion_slices < 1:
-            raise ValueError("min_lesion_slices must be at least 1")
+        values = self.min_lesion_slices.values() if isinstance(self.min_lesion_slices, dict) else [self.min_lesion_slices]
+        if not all(isinstance(v, int) and v >= 1 for v in values):
+            raise ValueError(f"min_lesion_slices must be at least 1 (per modality or for all), not {self.min_lesion_slices!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

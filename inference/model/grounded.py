@@ -17,10 +17,17 @@ Who decides whether a slice has a finding (``GroundedConfig.decision``):
   language model goes on from there (the label, any further [SEG]). Pixel-level supervision teaches the
   decoder to find small lesions from far fewer subjects than a yes/no answer teaches the language model
   (on held-out synthetic subjects it doubled slice sensitivity at the same false positives; README).
+
+``region_tokens``: the token after each [SEG] also carries what lies under that [SEG]'s mask (the embedding
+averaged inside the mask and in a ring around it, the mask's centre and size), so the label the language
+model writes next is read from the lesion and its surroundings, not only from the coarse image tokens (which
+could not tell a kidney tumour from a liver tumour on the same slice). Training feeds the true mask there
+(teacher forcing); generation decodes each [SEG]'s mask as soon as its state exists and feeds that.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,12 +56,21 @@ class GroundedConfig:
     max_new_tokens: int = 24
     decision: str = "language"  # "language" or "decoder" (module docstring)
     min_mask_pixels: int = 30  # "decoder": the smallest mask, in model-grid pixels, that is a finding
+    region_tokens: bool = False  # the token after a [SEG] carries its mask's region (module docstring)
+    mask_threshold: float = 0.5  # a pixel is in the mask where the decoder's probability exceeds this
+
+    @property
+    def mask_logit(self) -> float:
+        """``mask_threshold`` as a logit: the decoder's output is compared with it."""
+        return math.log(self.mask_threshold / (1 - self.mask_threshold))
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {self.decision!r}")
         if self.min_mask_pixels < 1:
             raise ValueError("min_mask_pixels must be at least 1")
+        if not 0 < self.mask_threshold < 1:
+            raise ValueError("mask_threshold must lie between 0 and 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +82,8 @@ class Generation:
 
     token_ids: list[int]
     seg_hidden: torch.Tensor  # (n_seg, hidden_size)
+    mask_logits: torch.Tensor | None = None  # (n_seg, 256, 256), where generation decoded them (region tokens)
+    iou: torch.Tensor | None = None  # (n_seg,)
 
 
 class GroundedSegmenter(nn.Module):
@@ -86,6 +104,8 @@ class GroundedSegmenter(nn.Module):
             pad_token_id=0, tie_word_embeddings=True,
         ))
         self.seg_projection = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 256 * config.prompt_tokens))
+        if config.region_tokens:
+            self.region_projection = nn.Sequential(nn.Linear(2 * 256 + 3, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
     def token_id(self, token: str) -> int:
         return self.tokenizer.token_to_id(token)
@@ -113,6 +133,22 @@ class GroundedSegmenter(nn.Module):
         text = self.language_model.get_input_embeddings()(torch.tensor(ids, device=embeddings.device))
         image = self.image_token_embeddings(embeddings)
         return torch.cat([image, text[None].expand(image.shape[0], -1, -1)], dim=1)
+
+    def region_embeddings(self, embeddings: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(n, 256, 64, 64) embeddings and (n, 256, 256) mask probabilities -> (n, hidden): the embedding
+        averaged inside the mask and in a ring of about 20 model pixels around it, the centre and the size."""
+        weight = F.avg_pool2d(masks.float()[:, None], 4)  # (n, 1, 64, 64)
+        ring = (F.max_pool2d(weight, 11, stride=1, padding=5) - weight).clamp(min=0)
+        embeddings = embeddings.float()
+        inside = (embeddings * weight).sum((2, 3)) / (weight.sum((2, 3)) + 1e-3)
+        around = (embeddings * ring).sum((2, 3)) / (ring.sum((2, 3)) + 1e-3)
+        side = weight.shape[-1]
+        axis = torch.linspace(-1, 1, side, device=weight.device)
+        total = weight.sum((2, 3)) + 1e-3
+        centre_y = (weight[:, 0] * axis[:, None]).sum((1, 2))[:, None] / total
+        centre_x = (weight[:, 0] * axis[None, :]).sum((1, 2))[:, None] / total
+        size = (weight.sum((2, 3)) / side ** 2).sqrt()
+        return self.region_projection(torch.cat([inside, around, centre_y, centre_x, size], dim=1))
 
     def query_ids(self) -> list[int]:
         return encode(self.tokenizer, QUERY)
@@ -148,15 +184,25 @@ class GroundedSegmenter(nn.Module):
         active = torch.ones(n, dtype=torch.bool, device=step_inputs.device)
         # the token fed in this step is a [SEG] of an active answer
         fed_seg = torch.full((n,), bool(start) and start[-1] == seg, dtype=torch.bool, device=step_inputs.device)
+        decoded: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+        region = None
         past = None
         for _ in range(self.config.max_new_tokens + 1):
             out = self.language_model(inputs_embeds=step_inputs, past_key_values=past, use_cache=True,
                                       output_hidden_states=bool(fed_seg.any()))
             past = out.past_key_values
+            region = None
             if fed_seg.any():
                 hidden = out.hidden_states[-1][:, -1].float()
-                for i in torch.nonzero(fed_seg).flatten().tolist():
+                rows = torch.nonzero(fed_seg).flatten()
+                for i in rows.tolist():
                     seg_states[i].append(hidden[i])
+                if self.config.region_tokens:
+                    logits, iou = self.decode_masks(embeddings[rows], hidden[rows])
+                    region = torch.zeros(n, self.config.hidden_size, device=hidden.device)
+                    region[rows] = self.region_embeddings(embeddings[rows], torch.sigmoid(logits))
+                    for row, i in enumerate(rows.tolist()):
+                        decoded[i].append((logits[row], iou[row]))
             if not active.any():
                 break
             next_ids = self._next_tokens(out.logits[:, -1].float(), temperature, generator)
@@ -169,8 +215,18 @@ class GroundedSegmenter(nn.Module):
             if not active.any() and not fed_seg.any():
                 break
             step_inputs = self.language_model.get_input_embeddings()(next_ids)[:, None]
+            if region is not None:
+                step_inputs = step_inputs + region[:, None].to(step_inputs.dtype)
         hidden_size = self.config.hidden_size
-        return [Generation(t, torch.stack(s) if s else torch.zeros(0, hidden_size)) for t, s in zip(tokens, seg_states)]
+        generations = [Generation(t, torch.stack(s) if s else torch.zeros(0, hidden_size)) for t, s in zip(tokens, seg_states)]
+        if self.config.region_tokens:
+            for generation, masks in zip(generations, decoded):
+                if masks:
+                    generation.mask_logits = torch.stack([m for m, _ in masks])
+                    generation.iou = torch.stack([q for _, q in masks])
+                else:
+                    generation.mask_logits, generation.iou = torch.zeros(0, 256, 256), torch.zeros(0)
+        return generations
 
     @staticmethod
     def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
@@ -76,7 +77,7 @@ class GroundedModel(Protocol):
     version: str
     normalization: Normalization
     reliability: ReliabilityPolicy
-    min_lesion_slices: int  # 3D lesions seen on fewer slices are dropped (1: none)
+    min_lesion_slices: int | Mapping[str, int]  # 3D lesions seen on fewer slices are dropped (1: none); per modality
 
     def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7,
                   seed: int = 0) -> list[Interpretation]:
@@ -85,6 +86,12 @@ class GroundedModel(Protocol):
 
 
 _FINDING = re.compile(r"\[SEG\]\s*\.?\s*([^.\[\]]*)")
+
+
+def min_lesion_slices(model: GroundedModel, modality: str) -> int:
+    """The model's operating point for a series of ``modality`` (one value for all, or one per modality)."""
+    value = model.min_lesion_slices
+    return value if isinstance(value, int) else int(value.get(modality, 1))
 
 
 def parse_findings(text: str) -> list[str]:

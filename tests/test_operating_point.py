@@ -1,0 +1,48 @@
+"""Choosing the operating point on validation subjects: every point is scored from one loose pass."""
+
+import numpy as np
+
+from inference.findings import SliceFinding
+from inference.reliability import Reliability
+from inference.slicing import SliceRef, Volume
+from training.operating_point import SeriesPass, choose, score_point
+
+
+def _pass() -> SeriesPass:
+    """A CT series with one true lesion on slices 4-6 (found, large first masks) and a spot on slice 9 that
+    is not a lesion (a small first mask, one slice)."""
+    shape = (12, 64, 64)
+    volume = Volume(np.zeros(shape, np.float32), np.zeros(3), (1.0, 1.0, 5.0), np.eye(3), np.arange(12) * 5.0,
+                    "1.2.3", "CT", "1.2.3.9", [SliceRef(f"1.2.3.9.{k}") for k in range(12)])
+    truth = np.zeros(shape, bool)
+    truth[4:7, 20:30, 20:30] = True
+    findings, first = [], {}
+    for k in (4, 5, 6):
+        mask = np.zeros(shape[1:], bool)
+        mask[21:30, 20:30] = True
+        findings.append(SliceFinding(k, "Liver tumor", mask, 0.9, Reliability.HIGH))
+        first[k] = 40
+    spot = np.zeros(shape[1:], bool)
+    spot[50:54, 50:54] = True
+    findings.append(SliceFinding(9, "Liver tumor", spot, 0.5, Reliability.HIGH))
+    first[9] = 8
+    return SeriesPass("CT", volume, {"Liver tumor": truth}, [], findings, first)
+
+
+def test_each_point_filters_the_loose_pass_as_the_node_would():
+    passes = [_pass()]
+    loose = score_point(passes, "CT", 1, 1)
+    assert loose.sensitivity == 1.0 and loose.false_positives_per_volume == 1.0
+    assert loose.mean_dice_detected == 0.9474 and loose.finding_accuracy == round(11 / 12, 4)
+    assert score_point(passes, "CT", 10, 1).false_positives_per_volume == 0.0  # the spot's mask is too small
+    assert score_point(passes, "CT", 1, 2).false_positives_per_volume == 0.0  # the spot is on one slice
+    strict = score_point(passes, "CT", 50, 1)
+    assert strict.sensitivity == 0.0 and strict.finding_accuracy == 9 / 12  # the lesion's 3 slices missed
+
+
+def test_the_choice_is_the_most_sensitive_point_within_the_false_positive_budget():
+    passes = [_pass()]
+    scores = [score_point(passes, "CT", pixels, slices) for pixels in (1, 10, 50) for slices in (1, 2, 4)]
+    best = choose(scores, max_false_positives=0.2)
+    assert (best.min_mask_pixels, best.min_lesion_slices) == (10, 1)  # sensitive, no false positive, loosest
+    assert choose(scores, max_false_positives=-1).false_positives_per_volume == 0.0  # none within: fewest
