@@ -185,7 +185,6 @@ class GroundedSegmenter(nn.Module):
         # the token fed in this step is a [SEG] of an active answer
         fed_seg = torch.full((n,), bool(start) and start[-1] == seg, dtype=torch.bool, device=step_inputs.device)
         decoded: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
-        region = None
         past = None
         for _ in range(self.config.max_new_tokens + 1):
             out = self.language_model(inputs_embeds=step_inputs, past_key_values=past, use_cache=True,
@@ -225,7 +224,8 @@ class GroundedSegmenter(nn.Module):
                     generation.mask_logits = torch.stack([m for m, _ in masks])
                     generation.iou = torch.stack([q for _, q in masks])
                 else:
-                    generation.mask_logits, generation.iou = torch.zeros(0, 256, 256), torch.zeros(0)
+                    side = 4 * embeddings.shape[-1]  # the decoder's mask grid
+                    generation.mask_logits, generation.iou = torch.zeros(0, side, side), torch.zeros(0)
         return generations
 
     @staticmethod

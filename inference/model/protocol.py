@@ -7,8 +7,8 @@ per ``[SEG]`` token, UniBiomed style: "It is [SEG]. Liver tumor." or "No finding
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
