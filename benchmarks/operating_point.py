@@ -1,8 +1,10 @@
-"""Choose the operating point (mask_threshold, min_mask_pixels, min_lesion_slices per modality) on validation subjects:
-synthetic subjects of another seed than the one the model was trained and tested on.
+"""Choose the operating point (mask_threshold, min_mask_pixels, presence_threshold, min_lesion_slices per
+modality) on validation subjects: synthetic subjects of another seed than the one the model was trained and
+tested on.
 
     python -m benchmarks.operating_point [--model models/default] [--seed 1] [--mr 10] [--ct 10] [--max-fp 0.2]
                                          [--thresholds 0.5,0.3] [--pixels 5,10,30] [--slices 1,2,3,4]
+                                         [--presence 0.3,0.5,0.7,0.9]
 
 Prints every point's sensitivity, false positives per volume, Dice of detected lesions and finding accuracy
 per modality, and the point ``training.operating_point.choose`` takes: the most sensitive within the
@@ -29,22 +31,26 @@ def main() -> None:
                         help="mask_threshold values to try (one engine pass each)")
     parser.add_argument("--pixels", type=_numbers, default=[5, 10, 20, 30, 50], help="min_mask_pixels to try")
     parser.add_argument("--slices", type=_numbers, default=[1, 2, 3, 4], help="min_lesion_slices to try")
+    parser.add_argument("--presence", type=lambda text: [float(t) for t in text.split(",")], default=[0.3, 0.5, 0.7, 0.9],
+                        help="presence_threshold values to try (models with presence only)")
     args = parser.parse_args()
     items, model, cache = subjects(args)
     passes = {t: loosest_passes(items, model, cache, t) for t in args.thresholds}
     config = model.network.config
+    presences = args.presence if config.presence else [0.0]
     print(f"model {model.version}, validation: synthetic seed {args.seed}; card: mask_threshold {config.mask_threshold}, "
-          f"min_mask_pixels {config.min_mask_pixels}, min_lesion_slices {model.min_lesion_slices}")
+          f"min_mask_pixels {config.min_mask_pixels}, presence_threshold {config.presence_threshold if config.presence else '-'}, "
+          f"min_lesion_slices {model.min_lesion_slices}")
     for modality in sorted({p.modality for p in next(iter(passes.values()))}):
-        scores = [score_point(passes[t], modality, pixels, slices)
-                  for t in args.thresholds for pixels in args.pixels for slices in args.slices]
-        print(f"\n{modality}: threshold pixels slices  sensitivity  FP/volume  Dice  finding accuracy")
+        scores = [score_point(passes[t], modality, pixels, slices, presence)
+                  for t in args.thresholds for pixels in args.pixels for presence in presences for slices in args.slices]
+        print(f"\n{modality}: threshold pixels presence slices  sensitivity  FP/volume  Dice  finding accuracy")
         for s in scores:
-            print(f"{'':4}{s.mask_threshold:9.2f} {s.min_mask_pixels:6d} {s.min_lesion_slices:6d}  {s.sensitivity:11.4f}"
-                  f"  {s.false_positives_per_volume:9.2f}  {s.mean_dice_detected:.4f}  {s.finding_accuracy:.4f}")
+            print(f"{'':4}{s.mask_threshold:9.2f} {s.min_mask_pixels:6d} {s.presence_threshold:8.2f} {s.min_lesion_slices:6d}"
+                  f"  {s.sensitivity:11.4f}  {s.false_positives_per_volume:9.2f}  {s.mean_dice_detected:.4f}  {s.finding_accuracy:.4f}")
         best = choose(scores, args.max_fp)
         print(f"{modality} chosen: mask_threshold {best.mask_threshold}, min_mask_pixels {best.min_mask_pixels}, "
-              f"min_lesion_slices {best.min_lesion_slices}")
+              f"presence_threshold {best.presence_threshold}, min_lesion_slices {best.min_lesion_slices}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,16 @@ QUESTION = _question()
 @pytest.fixture(scope="session")
 def trained():
     """A tiny model taught two slices: one with two findings, one with none (about 40 s on 2 CPU cores)."""
+    return _teach(tiny_card())
+
+
+@pytest.fixture(scope="session")
+def trained_presence():
+    """As ``trained``, with the decoder's IoU head taught presence (GroundedConfig.presence)."""
+    return _teach(tiny_card(architecture=TINY | {"presence": True}))
+
+
+def _teach(card):  # type: ignore[no-untyped-def]
     import numpy as np
     import torch
 
@@ -107,7 +117,7 @@ def trained():
     from training.loss import grounded_loss
 
     torch.manual_seed(0)
-    model = BuiltinModel.new(tiny_card())
+    model = BuiltinModel.new(card)
     images = np.zeros((2, 256, 256), np.float32)
     images[0, 30:70, 30:70] = 1.0
     images[0, 180:220, 160:230] = 0.8

@@ -76,6 +76,31 @@ def test_the_mask_decoder_decides_when_the_card_says_so(trained, tmp_path):
     assert [r.answer.text for r in blind.interpret(images, QUESTION)] == ["No findings.", "No findings."]
 
 
+def test_the_presence_head_tells_a_slice_with_a_finding_from_a_clear_one(trained_presence, tmp_path):
+    """With ``presence`` the decoder's IoU head learns the probability that the [SEG] query's finding is on the
+    slice at all, and the gate requires it, so a finding does not rest on a count of pixels that a stray blob
+    can reach."""
+    model, images, embeddings, _, parts = trained_presence
+    network = model.network
+    with torch.no_grad():
+        _, iou = network.decode_masks(embeddings, network.query_states(embeddings, QUESTION))
+    presence = network.mask_scores(iou)
+    assert presence[0] > 0.9 and presence[1] < 0.1 and parts.presence < 0.1
+    model.save(tmp_path / "ckpt")
+    card_path = tmp_path / "ckpt" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 1}
+    card_path.write_text(json.dumps(card))
+    results = BuiltinModel.load(tmp_path / "ckpt").interpret(images, QUESTION)
+    assert [r.answer.text for r in results] == ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
+    assert np.allclose(results[0].answer.scores, presence[0].item(), atol=0.02)  # the score reported is the presence
+    # Above the finding's own presence, its slice has none, whatever its mask.
+    card["architecture"]["presence_threshold"] = (float(results[0].answer.scores[0]) + 1) / 2
+    card_path.write_text(json.dumps(card))
+    doubtful = BuiltinModel.load(tmp_path / "ckpt")
+    assert [r.answer.text for r in doubtful.interpret(images, QUESTION)] == ["No findings.", "No findings."]
+
+
 @pytest.mark.parametrize("operating_point", [0, {"CT": 2, "MR": 0}, {"CT": "2"}])
 def test_a_card_refuses_an_impossible_operating_point(operating_point):
     from tests.conftest import tiny_card
@@ -85,7 +110,8 @@ def test_a_card_refuses_an_impossible_operating_point(operating_point):
     assert tiny_card(min_lesion_slices={"CT": 2, "MR": 3}).min_lesion_slices == {"CT": 2, "MR": 3}
 
 
-@pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}, {"mask_threshold": 0.0}, {"mask_threshold": 1.0}])
+@pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}, {"mask_threshold": 0.0}, {"mask_threshold": 1.0},
+                                    {"presence_threshold": 1.0}, {"presence_threshold": -0.1}])
 def test_an_unknown_decision_rule_is_refused(change):
     with pytest.raises(ValueError):
         GroundedConfig(**change)

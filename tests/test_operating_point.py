@@ -16,17 +16,17 @@ def _pass() -> SeriesPass:
                     "1.2.3", "CT", "1.2.3.9", [SliceRef(f"1.2.3.9.{k}") for k in range(12)])
     truth = np.zeros(shape, bool)
     truth[4:7, 20:30, 20:30] = True
-    findings, first = [], {}
+    findings, first, presence = [], {}, {}
     for k in (4, 5, 6):
         mask = np.zeros(shape[1:], bool)
         mask[21:30, 20:30] = True
         findings.append(SliceFinding(k, "Liver tumor", mask, 0.9, Reliability.HIGH))
-        first[k] = 40
+        first[k], presence[k] = 40, 0.9
     spot = np.zeros(shape[1:], bool)
     spot[50:54, 50:54] = True
     findings.append(SliceFinding(9, "Liver tumor", spot, 0.5, Reliability.HIGH))
-    first[9] = 8
-    return SeriesPass("CT", volume, {"Liver tumor": truth}, [], findings, first)
+    first[9], presence[9] = 8, 0.4
+    return SeriesPass("CT", volume, {"Liver tumor": truth}, [], findings, first, 0.5, presence)
 
 
 def test_each_point_filters_the_loose_pass_as_the_node_would():
@@ -36,6 +36,9 @@ def test_each_point_filters_the_loose_pass_as_the_node_would():
     assert loose.mean_dice_detected == 0.9474 and loose.finding_accuracy == round(11 / 12, 4)
     assert score_point(passes, "CT", 10, 1).false_positives_per_volume == 0.0  # the spot's mask is too small
     assert score_point(passes, "CT", 1, 2).false_positives_per_volume == 0.0  # the spot is on one slice
+    doubtful = score_point(passes, "CT", 1, 1, presence_threshold=0.5)  # the spot's presence is 0.4
+    assert (doubtful.sensitivity, doubtful.false_positives_per_volume) == (1.0, 0.0)
+    assert score_point(passes, "CT", 1, 1, presence_threshold=0.95).sensitivity == 0.0
     strict = score_point(passes, "CT", 50, 1)
     assert strict.sensitivity == 0.0 and strict.finding_accuracy == 9 / 12  # the lesion's 3 slices missed
 

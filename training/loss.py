@@ -8,6 +8,9 @@ A slice with no finding ("No findings.") still teaches the decoder: the [SEG] qu
 "It is [SEG]" must give an empty mask there. Without it the decoder only ever sees slices with a lesion and
 finds one everywhere; with it the decoder can decide (GroundedConfig.decision = "decoder").
 
+With ``presence`` the decoder's IoU output is a presence logit: BCE against 1 for every [SEG] of an answer
+with findings, against 0 for the query of a clear slice (weight ``PRESENCE_WEIGHT``).
+
 With ``region_tokens`` the token after each [SEG] carries the region of that [SEG]'s true mask (teacher
 forcing, as the answer's own tokens are).
 """
@@ -23,6 +26,7 @@ from inference.model.grounded import GroundedSegmenter
 from inference.model.vocabulary import EOS, PAD, SEG, encode
 
 TEXT_WEIGHT, BCE_WEIGHT, DICE_WEIGHT = 1.0, 2.0, 0.5
+PRESENCE_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class LossParts:
     bce: float
     dice: float
     clear_bce: float = 0.0  # the empty-mask term of the clear slices
+    presence: float = 0.0  # the presence term (GroundedConfig.presence)
 
 
 @dataclass(frozen=True)
@@ -81,18 +86,29 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
     total = TEXT_WEIGHT * text
     clear = [i for i, m in enumerate(masks) if not len(m)]
     clear_bce = torch.zeros((), device=embeddings.device)
+    presence_logits, presence_targets = [], []
     if clear:
-        logits, _ = network.decode_masks(embeddings[clear], network.query_states(embeddings[clear], question))
+        logits, iou = network.decode_masks(embeddings[clear], network.query_states(embeddings[clear], question))
         clear_bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
         total = total + BCE_WEIGHT * clear_bce
+        presence_logits.append(iou)
+        presence_targets.append(torch.zeros_like(iou))
+    if seg_positions.any():
+        hidden = forced.hidden[seg_positions]  # (m, hidden), in sample order
+        owners = torch.nonzero(seg_positions)[:, 0]
+        predicted, iou = network.decode_masks(embeddings[owners], hidden)
+        presence_logits.append(iou)
+        presence_targets.append(torch.ones_like(iou))
+    presence = torch.zeros((), device=embeddings.device)
+    if network.config.presence and presence_logits:
+        presence = F.binary_cross_entropy_with_logits(torch.cat(presence_logits), torch.cat(presence_targets))
+        total = total + PRESENCE_WEIGHT * presence
     if not seg_positions.any():
-        return LossParts(total, float(text.detach()), 0.0, 0.0, float(clear_bce.detach()))
-    hidden = forced.hidden[seg_positions]  # (m, hidden), in sample order
-    owners = torch.nonzero(seg_positions)[:, 0]
-    predicted, _ = network.decode_masks(embeddings[owners], hidden)
+        return LossParts(total, float(text.detach()), 0.0, 0.0, float(clear_bce.detach()), float(presence.detach()))
     target = torch.cat([m for m in masks if len(m)]).float().to(predicted.device)
     bce = F.binary_cross_entropy_with_logits(predicted, target)
     probabilities = torch.sigmoid(predicted)
     dice = 1 - (2 * (probabilities * target).sum((1, 2)) + 1) / (probabilities.sum((1, 2)) + target.sum((1, 2)) + 1)
     total = total + BCE_WEIGHT * bce + DICE_WEIGHT * dice.mean()
-    return LossParts(total, float(text.detach()), float(bce.detach()), float(dice.mean().detach()), float(clear_bce.detach()))
+    return LossParts(total, float(text.detach()), float(bce.detach()), float(dice.mean().detach()), float(clear_bce.detach()),
+                     float(presence.detach()))

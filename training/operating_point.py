@@ -3,10 +3,11 @@
 The operating point is what turns the decoder's masks into reported lesions: the probability above which a
 pixel is in a mask (``mask_threshold``: each value needs its own pass), the smallest first mask that
 makes a slice's answer a finding (``min_mask_pixels``, in model-grid pixels; with ``decision = "decoder"``
-the first mask is the decoder's answer to the "It is [SEG]" query) and the fewest slices a 3D lesion must
+the first mask is the decoder's answer to the "It is [SEG]" query), the least presence probability of that
+first mask (``presence_threshold``, for models with ``presence``) and the fewest slices a 3D lesion must
 span (``min_lesion_slices``, per modality). One engine pass per series at the loosest point (1 pixel,
-1 slice) records every slice's findings and the size of its first mask; any stricter point is then a filter
-on those, scored as ``training.evaluate`` scores the held-out split.
+presence 0, 1 slice) records every slice's findings and the size and presence of its first mask; any stricter
+point is then a filter on those, scored as ``training.evaluate`` scores the held-out split.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom import dcmread
@@ -41,6 +42,7 @@ class SeriesPass:
     findings: list[SliceFinding]
     first_mask_pixels: dict[int, int]  # slice -> model-grid pixels of its answer's first mask
     mask_threshold: float = 0.5
+    first_presence: dict[int, float] = field(default_factory=dict)  # slice -> its first mask's presence probability
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class PointScore:
     mask_threshold: float
     min_mask_pixels: int
     min_lesion_slices: int
+    presence_threshold: float
     sensitivity: float
     false_positives_per_volume: float
     mean_dice_detected: float
@@ -57,10 +60,12 @@ class PointScore:
 
 @contextmanager
 def _loosest(model: BuiltinModel, mask_threshold: float) -> Iterator[None]:
-    """The model at 1 pixel and 1 slice, without reliability samples (they do not change the findings)."""
+    """The model at 1 pixel, presence 0 and 1 slice, without reliability samples (they do not change the
+    findings)."""
     network = model.network
     saved = network.config, model.min_lesion_slices, model.reliability
-    network.config = dataclasses.replace(network.config, min_mask_pixels=1, mask_threshold=mask_threshold)
+    network.config = dataclasses.replace(network.config, min_mask_pixels=1, mask_threshold=mask_threshold,
+                                         presence_threshold=0.0)
     model.min_lesion_slices, model.reliability = 1, dataclasses.replace(model.reliability, samples=0)
     try:
         yield
@@ -79,10 +84,13 @@ def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: Embed
             volume = load_series(item.series)
             truth, specks = read_truth(item, volume, config.min_volume_ml)
             first: dict[int, int] = {}
+            presence: dict[int, float] = {}
 
             def observe(k: int, interpretation: Interpretation, _transform: SliceTransform) -> None:
                 masks = interpretation.answer.masks
                 first[k] = int(masks[0].sum()) if len(masks) else 0
+                if len(masks) and model.network.config.presence:
+                    presence[k] = float(interpretation.answer.scores[0])
 
             body_part = str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
             result = interpret_volume(volume, engine_model, config, body_part, observe=observe)
@@ -90,18 +98,19 @@ def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: Embed
             findings = [SliceFinding(k, lesion.label, lesion.mask[k], lesion.mean_score, lesion.reliability)
                         for lesion in result.lesions for k in range(lesion.slice_range[0], lesion.slice_range[1] + 1)
                         if lesion.mask[k].any()]
-            passes.append(SeriesPass(volume.modality, volume, truth, specks, findings, first, mask_threshold))
+            passes.append(SeriesPass(volume.modality, volume, truth, specks, findings, first, mask_threshold, presence))
     return passes
 
 
 def score_point(passes: list[SeriesPass], modality: str, min_mask_pixels: int, min_lesion_slices: int,
-                min_volume_ml: float = EngineConfig.min_volume_ml) -> PointScore:
+                presence_threshold: float = 0.0, min_volume_ml: float = EngineConfig.min_volume_ml) -> PointScore:
     true_lesions = detected = false_positives = 0
     dice: list[float] = []
     right = slices = 0
     chosen = [p for p in passes if p.modality == modality]
     for series in chosen:
-        kept = [f for f in series.findings if series.first_mask_pixels.get(f.slice_index, 0) >= min_mask_pixels]
+        kept = [f for f in series.findings if series.first_mask_pixels.get(f.slice_index, 0) >= min_mask_pixels
+                and series.first_presence.get(f.slice_index, 0.0) >= presence_threshold]
         lesions = aggregate(series.volume, kept, min_volume_ml, min_lesion_slices)
         score = score_lesions(series.truth, series.specks, [lesion.mask for lesion in lesions])
         true_lesions, detected = true_lesions + score.true_lesions, detected + score.detected
@@ -111,7 +120,7 @@ def score_point(passes: list[SeriesPass], modality: str, min_mask_pixels: int, m
             right += slice_reference(series.truth, k) == slice_output(lesions, k)
             slices += 1
     threshold = chosen[0].mask_threshold if chosen else float("nan")
-    return PointScore(modality, threshold, min_mask_pixels, min_lesion_slices,
+    return PointScore(modality, threshold, min_mask_pixels, min_lesion_slices, presence_threshold,
                       round(detected / true_lesions, 4) if true_lesions else float("nan"),
                       round(false_positives / max(len(chosen), 1), 4),
                       round(float(np.mean(dice)), 4) if dice else float("nan"),
@@ -124,5 +133,5 @@ def choose(scores: list[PointScore], max_false_positives: float) -> PointScore:
     within = [s for s in scores if s.false_positives_per_volume <= max_false_positives]
     if within:
         return max(within, key=lambda s: (s.sensitivity, s.finding_accuracy, s.mean_dice_detected, -s.min_lesion_slices,
-                                          -s.min_mask_pixels))
+                                          -s.min_mask_pixels, -s.presence_threshold))
     return min(scores, key=lambda s: (s.false_positives_per_volume, -s.sensitivity))

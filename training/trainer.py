@@ -128,7 +128,8 @@ class Trainer:
             self.schedule.step()
             self.step += 1
             self.history.append({"step": self.step, "loss": float(parts.total.detach()), "text": parts.text,
-                                 "bce": parts.bce, "dice": parts.dice, "clear_bce": parts.clear_bce})
+                                 "bce": parts.bce, "dice": parts.dice, "clear_bce": parts.clear_bce,
+                                 "presence": parts.presence})
             bar.update(1)
             bar.set_postfix(loss=f"{parts.total.item():.3f}", text=f"{parts.text:.3f}", dice=f"{parts.dice:.3f}")
             if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:

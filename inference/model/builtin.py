@@ -122,8 +122,11 @@ class BuiltinModel:
         if config.decision == "language":
             return self._generated(embeddings, question, temperature, generator)
         start = time.perf_counter()
-        logits, _ = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question))
-        found = torch.nonzero((logits > config.mask_logit).sum(dim=(1, 2)) >= config.min_mask_pixels).flatten().tolist()
+        logits, iou = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question))
+        finding = (logits > config.mask_logit).sum(dim=(1, 2)) >= config.min_mask_pixels
+        if config.presence:
+            finding &= self.network.mask_scores(iou) >= config.presence_threshold
+        found = torch.nonzero(finding).flatten().tolist()
         self.timings["mask_decoder"] += time.perf_counter() - start
         empty = np.zeros((0, self.input_size, self.input_size), dtype=bool)
         answers = [Answer(NO_FINDINGS, empty, np.zeros(0, dtype=np.float32)) for _ in range(len(embeddings))]
@@ -148,11 +151,11 @@ class BuiltinModel:
         scores = np.zeros(0, dtype=np.float32)
         if owners and all(g.mask_logits is not None for g in generations):  # decoded during generation
             logits, iou = torch.cat([g.mask_logits for g in generations]), torch.cat([g.iou for g in generations])
-            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), iou.float().cpu().numpy()
+            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
         elif owners:
             hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
             logits, iou = self.network.decode_masks(embeddings[owners], hidden)
-            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), iou.float().cpu().numpy()
+            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
         self.timings["mask_decoder"] += time.perf_counter() - start_time
         answers, start = [], 0
         for g in generations:

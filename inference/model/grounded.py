@@ -18,6 +18,12 @@ Who decides whether a slice has a finding (``GroundedConfig.decision``):
   decoder to find small lesions from far fewer subjects than a yes/no answer teaches the language model
   (on held-out synthetic subjects it doubled slice sensitivity at the same false positives; README).
 
+``presence``: the decoder's IoU head (SAM's estimate of its mask's quality, unused here otherwise) is trained
+as a presence logit, as SAM 2 (UniBiomed's decoder) has an object score: the probability that what the [SEG]
+asks for is on the slice at all. A slice is then a finding only where that probability reaches
+``presence_threshold`` too. The mask's pixels alone are a poor gate: the mask loss, averaged over 65,536
+pixels, barely notices a false blob of 20, and pushing those pixels down instead shrinks every true mask.
+
 ``region_tokens``: the token after each [SEG] also carries what lies under that [SEG]'s mask (the embedding
 averaged inside the mask and in a ring around it, the mask's centre and size), so the label the language
 model writes next is read from the lesion and its surroundings, not only from the coarse image tokens (which
@@ -58,6 +64,8 @@ class GroundedConfig:
     min_mask_pixels: int = 30  # "decoder": the smallest mask, in model-grid pixels, that is a finding
     region_tokens: bool = False  # the token after a [SEG] carries its mask's region (module docstring)
     mask_threshold: float = 0.5  # a pixel is in the mask where the decoder's probability exceeds this
+    presence: bool = False  # the IoU head is a presence logit (module docstring)
+    presence_threshold: float = 0.5  # with ``presence``: the least presence probability of a finding
 
     @property
     def mask_logit(self) -> float:
@@ -71,6 +79,8 @@ class GroundedConfig:
             raise ValueError("min_mask_pixels must be at least 1")
         if not 0 < self.mask_threshold < 1:
             raise ValueError("mask_threshold must lie between 0 and 1")
+        if not 0 <= self.presence_threshold < 1:
+            raise ValueError("presence_threshold must be at least 0 and below 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,6 +255,11 @@ class GroundedSegmenter(nn.Module):
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
         )
         return logits[:, 0], iou[:, 0]
+
+    def mask_scores(self, iou: torch.Tensor) -> torch.Tensor:
+        """The score reported with each mask: the presence probability with ``presence``, else SAM's
+        predicted IoU."""
+        return torch.sigmoid(iou.float()) if self.config.presence else iou.float()
 
     def answer_text(self, token_ids: list[int]) -> str:
         return decode(self.tokenizer, token_ids)
