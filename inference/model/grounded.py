@@ -65,7 +65,7 @@ class GroundedConfig:
     region_tokens: bool = False  # the token after a [SEG] carries its mask's region (module docstring)
     mask_threshold: float = 0.5  # a pixel is in the mask where the decoder's probability exceeds this
     presence: bool = False  # the IoU head is a presence logit (module docstring)
-    presence_threshold: float = 0.5  # with ``presence``: the least presence probability of a finding
+    presence_threshold: float = 0.5  # with ``presence`` and "decoder": the least presence probability of a finding
 
     @property
     def mask_logit(self) -> float:
