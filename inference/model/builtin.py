@@ -149,12 +149,12 @@ class BuiltinModel:
         owners = [i for i, g in enumerate(generations) for _ in range(len(g.seg_hidden))]
         masks = np.zeros((0, self.input_size, self.input_size), dtype=bool)
         scores = np.zeros(0, dtype=np.float32)
-        if owners and all(g.mask_logits is not None for g in generations):  # decoded during generation
-            logits, iou = torch.cat([g.mask_logits for g in generations]), torch.cat([g.iou for g in generations])
-            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
-        elif owners:
-            hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
-            logits, iou = self.network.decode_masks(embeddings[owners], hidden)
+        if owners:
+            if all(g.mask_logits is not None for g in generations):  # decoded during generation
+                logits, iou = torch.cat([g.mask_logits for g in generations]), torch.cat([g.iou for g in generations])
+            else:
+                hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
+                logits, iou = self.network.decode_masks(embeddings[owners], hidden)
             masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
         self.timings["mask_decoder"] += time.perf_counter() - start_time
         answers, start = [], 0
