@@ -32,6 +32,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
                             "modalities or per modality, e.g. CT=2,MR=3 (default 2)")
+    train.add_argument("--presence", type=presence_argument, nargs="?", const=0.5, metavar="THRESHOLD",
+                       help="train the decoder's presence head and gate findings on it (GroundedConfig.presence; "
+                            "threshold default 0.5); off by default, as in the shipped model")
     train.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
     train.add_argument("--data", type=Path, help="folder for synthetic data and the encoder cache (default: <storage>/training)")
     train.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
@@ -77,7 +80,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version,
                            config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed), resume=args.resume,
-                           min_lesion_slices=args.min_lesion_slices,
+                           min_lesion_slices=args.min_lesion_slices, architecture=training_architecture(args.presence),
                            device=config.jobs.device, description="; ".join(described),
                            command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
     try:
@@ -110,6 +113,26 @@ def lesion_slices_argument(text: str) -> int | dict[str, int]:
     if any(v < 1 for v in (value.values() if isinstance(value, dict) else [value])):
         raise argparse.ArgumentTypeError(f"every slice count must be at least 1 (N or MODALITY=N,..., e.g. CT=2,MR=3): {text!r}")
     return value
+
+
+def presence_argument(text: str) -> float:
+    """"0.3" -> 0.3: a presence probability, at least 0 and below 1 (GroundedConfig.presence_threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"the presence threshold is a probability, at least 0 and below 1, not {text!r}")
+    return value
+
+
+def training_architecture(presence: float | None) -> dict:
+    """The trainer's default architecture, with the presence head on at ``presence`` where given."""
+    from training.run import DEFAULT_ARCHITECTURE
+
+    if presence is None:
+        return dict(DEFAULT_ARCHITECTURE)
+    return DEFAULT_ARCHITECTURE | {"presence": True, "presence_threshold": presence}
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -70,6 +70,19 @@ def test_the_operating_point_is_given_for_all_modalities_or_per_modality(text, v
     assert lesion_slices_argument(text) == value
 
 
+def test_presence_is_off_unless_asked_for_and_a_threshold_must_be_a_probability(capsys):
+    from dicom_node.train_command import presence_argument, training_architecture
+    from inference.model.grounded import GroundedConfig
+
+    assert GroundedConfig(**training_architecture(None)).presence is False
+    on = GroundedConfig(**training_architecture(presence_argument("0.3")))
+    assert on.presence and on.presence_threshold == 0.3
+    for bad in ("1", "-0.1", "high"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--presence", bad, "--help"])
+        assert stopped.value.code == 2 and "at least 0 and below 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", ["0", "CT", "CT=two", "CT=2,MR=0"])
 def test_a_bad_operating_point_stops_the_command_with_the_expected_form(bad, capsys):
     with pytest.raises(SystemExit) as stopped:
