@@ -23,15 +23,19 @@ def _numbers(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
+def _fractions(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(parser, seed=1)
     parser.add_argument("--max-fp", type=float, default=0.2, help="false-positive lesions per volume allowed")
-    parser.add_argument("--thresholds", type=lambda text: [float(t) for t in text.split(",")], default=[0.5],
+    parser.add_argument("--thresholds", type=_fractions, default=[0.5],
                         help="mask_threshold values to try (one engine pass each)")
     parser.add_argument("--pixels", type=_numbers, default=[5, 10, 20, 30, 50], help="min_mask_pixels to try")
     parser.add_argument("--slices", type=_numbers, default=[1, 2, 3, 4], help="min_lesion_slices to try")
-    parser.add_argument("--presence", type=lambda text: [float(t) for t in text.split(",")], default=[0.3, 0.5, 0.7, 0.9],
+    parser.add_argument("--presence", type=_fractions, default=[0.3, 0.5, 0.7, 0.9],
                         help="presence_threshold values to try (models with presence only)")
     args = parser.parse_args()
     items, model, cache = subjects(args)

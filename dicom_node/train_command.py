@@ -116,14 +116,13 @@ def lesion_slices_argument(text: str) -> int | dict[str, int]:
 
 
 def presence_argument(text: str) -> float:
-    """"0.3" -> 0.3: a presence probability, at least 0 and below 1 (GroundedConfig.presence_threshold)."""
+    """"0.3" -> 0.3, checked by GroundedConfig itself (a presence probability, at least 0 and below 1)."""
+    from inference.model.grounded import GroundedConfig
+
     try:
-        value = float(text)
+        return GroundedConfig(presence_threshold=float(text)).presence_threshold
     except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"the presence threshold is a probability, at least 0 and below 1, not {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"presence_threshold must be at least 0 and below 1, not {text!r}") from None
 
 
 def training_architecture(presence: float | None) -> dict:
