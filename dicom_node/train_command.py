@@ -35,6 +35,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--presence", type=presence_argument, nargs="?", const=0.5, metavar="THRESHOLD",
                        help="train the decoder's presence head and gate findings on it (GroundedConfig.presence; "
                             "threshold default 0.5); off by default, as in the shipped model")
+    train.add_argument("--mirror", action="store_true",
+                       help="train on left-right mirrored copies of every slice too, and answer each slice averaged "
+                            "with its mirror (GroundedConfig.mirror; the encoder runs twice per slice); off by default")
     train.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
     train.add_argument("--data", type=Path, help="folder for synthetic data and the encoder cache (default: <storage>/training)")
     train.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
@@ -80,7 +83,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version,
                            config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed), resume=args.resume,
-                           min_lesion_slices=args.min_lesion_slices, architecture=training_architecture(args.presence),
+                           min_lesion_slices=args.min_lesion_slices, mirror=args.mirror, progress=not args.quiet,
+                           architecture=training_architecture(args.presence, args.mirror),
                            device=config.jobs.device, description="; ".join(described),
                            command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
     try:
@@ -125,13 +129,17 @@ def presence_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(f"presence_threshold must be at least 0 and below 1, not {text!r}") from None
 
 
-def training_architecture(presence: float | None) -> dict:
-    """The trainer's default architecture, with the presence head on at ``presence`` where given."""
+def training_architecture(presence: float | None, mirror: bool = False) -> dict:
+    """The trainer's default architecture, with the presence head on at ``presence`` where given and mirror
+    averaging where asked for."""
     from training.run import DEFAULT_ARCHITECTURE
 
-    if presence is None:
-        return dict(DEFAULT_ARCHITECTURE)
-    return DEFAULT_ARCHITECTURE | {"presence": True, "presence_threshold": presence}
+    architecture = dict(DEFAULT_ARCHITECTURE)
+    if mirror:
+        architecture["mirror"] = True
+    if presence is not None:
+        architecture |= {"presence": True, "presence_threshold": presence}
+    return architecture
 
 
 def _print_metrics(metrics: dict) -> None:

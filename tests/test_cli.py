@@ -76,7 +76,8 @@ def test_presence_is_off_unless_asked_for_and_a_threshold_must_be_a_probability(
 
     assert GroundedConfig(**training_architecture(None)).presence is False
     on = GroundedConfig(**training_architecture(presence_argument("0.3")))
-    assert on.presence and on.presence_threshold == 0.3
+    assert on.presence and on.presence_threshold == 0.3 and not on.mirror
+    assert GroundedConfig(**training_architecture(None, mirror=True)).mirror
     for bad in ("1", "-0.1", "high"):
         with pytest.raises(SystemExit) as stopped:
             main(["train", "--presence", bad, "--help"])

@@ -101,6 +101,34 @@ def test_the_presence_head_tells_a_slice_with_a_finding_from_a_clear_one(trained
     assert [r.answer.text for r in doubtful.interpret(images, QUESTION)] == ["No findings.", "No findings."]
 
 
+def test_mirror_averaging_answers_a_slice_and_its_mirror_alike(trained, tmp_path):
+    """With ``mirror`` the [SEG] query's mask is averaged over the slice and its mirror: whether a slice has a
+    finding no longer depends on which way round it lies, and the mask drawn on the mirrored slice is the
+    mirror of the one drawn on the slice."""
+    model, images, _, targets, _ = trained
+    model.save(tmp_path / "ckpt")
+    card_path = tmp_path / "ckpt" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    # The toy model never saw a mirrored slice, so its mirrored view is weak: at 0.25 the average keeps what one
+    # confident view sees.
+    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30, "mirror": True, "mask_threshold": 0.25}
+    card_path.write_text(json.dumps(card))
+    averaging = BuiltinModel.load(tmp_path / "ckpt")
+    flipped = np.ascontiguousarray(images[:, :, ::-1])
+    plain, mirrored = averaging.interpret(images, QUESTION), averaging.interpret(flipped, QUESTION)
+    assert [r.answer.text == "No findings." for r in plain] == [r.answer.text == "No findings." for r in mirrored] == [False, True]
+    first, first_mirrored = plain[0].answer.masks[0], mirrored[0].answer.masks[0]
+    assert first.sum() >= 30 and (first != first_mirrored[:, ::-1]).sum() <= 0.01 * first.sum()
+    network = averaging.network  # the first mask is the average the gate saw, not one view's
+    with torch.no_grad():
+        views = [averaging.encode(images[:1]), averaging.encode(flipped[:1])]
+        a, b = (network.decode_masks(e, network.query_states(e, QUESTION))[0][0] for e in views)
+    expected = ((torch.sigmoid(a) + torch.sigmoid(b.flip(-1))) / 2 > 0.25).numpy()
+    assert (first == expected).mean() > 0.999
+    with pytest.raises(ValueError, match="mirror"):
+        averaging.interpret_embeddings(views[0], QUESTION)
+
+
 @pytest.mark.parametrize("operating_point", [0, {"CT": 2, "MR": 0}, {"CT": "2"}])
 def test_a_card_refuses_an_impossible_operating_point(operating_point):
     from tests.conftest import tiny_card
@@ -111,7 +139,7 @@ def test_a_card_refuses_an_impossible_operating_point(operating_point):
 
 
 @pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}, {"mask_threshold": 0.0}, {"mask_threshold": 1.0},
-                                    {"presence_threshold": 1.0}, {"presence_threshold": -0.1}])
+                                    {"presence_threshold": 1.0}, {"presence_threshold": -0.1}, {"mirror": True}])
 def test_an_unknown_decision_rule_is_refused(change):
     with pytest.raises(ValueError):
         GroundedConfig(**change)

@@ -161,6 +161,35 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_mirrored_copies_carry_mirrored_masks_and_their_own_encoding(tmp_path):
+    """Mirror augmentation: each training slice gains a left-right mirrored copy whose mask is mirrored with
+    it and whose embedding the encoder computes from the mirrored slice (the encoder is not mirror-symmetric,
+    so flipping the slice's embedding would teach the decoder features it never meets)."""
+    from inference.model.builtin import BuiltinModel
+    from tests.conftest import tiny_card
+    from training.cache import EmbeddingCache
+    from training.dataset import SliceSample
+    from training.run import with_mirrored
+    from training.trainer import TrainingSet
+
+    model = BuiltinModel.new(tiny_card())
+    image = np.zeros((256, 256), np.float32)
+    image[60:200, 40:150] = 0.6  # an asymmetric body
+    image[90:120, 50:70] = 1.0  # and a lesion on its left
+    mask = np.zeros((1, 256, 256), bool)
+    mask[0, 90:120, 50:70] = True
+    cache = EmbeddingCache(tmp_path / "cache", model)
+    data = TrainingSet([SliceSample(image, mask, ("Liver tumor",), "1.2.3", 0, "CT")], cache.get(image[None]))
+    both = with_mirrored(data, cache)
+    assert len(both.samples) == len(both.embeddings) == 2 and both.samples[0] is data.samples[0]
+    copy = both.samples[1]
+    assert copy.labels == ("Liver tumor",) and copy.masks[0, 90:120, 186:206].all() and copy.masks.sum() == mask.sum()
+    assert (copy.image == image[:, ::-1]).all()
+    encoded = model.encode(copy.image[None]).to(torch.bfloat16)
+    torch.testing.assert_close(both.embeddings[1:].float(), encoded.float(), atol=0.05, rtol=0.05)
+    assert not torch.allclose(both.embeddings[1:].float(), data.embeddings.flip(-1).float(), atol=0.05, rtol=0.05)
+
+
 class OracleModel:
     """Answers with whatever is brighter than the window (the lesions the test draws), or misses everything."""
 
@@ -238,13 +267,15 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     config_path = write_node_config(tmp_path / "node", 11112, [], extra='\n[[routes]]\nname = "all"\nmodel = "active"\n')
     out = tmp_path / "model"
     assert main(["train", "--folder", str(tmp_path / "data"), "--steps", "2", "--out", str(out), "--version", "v-test",
-                 "--quiet", "--config", str(config_path)]) == 0
+                 "--mirror", "--quiet", "--config", str(config_path)]) == 0
     card = json.loads((out / "model_card.json").read_text())
     assert card["version"] == "v-test" and card["findings"] == ["Liver tumor"]
     assert card["metrics"]["training"]["subjects"] == 1 and card["metrics"]["CT"]["volumes"] == 1
+    # --mirror: the subject's 4 slices and their mirrored copies trained; the model averages with the mirror
+    assert card["metrics"]["training"]["slices"] == 8 and card["architecture"]["mirror"] is True
     assert (out / "model.safetensors").stat().st_size < 25 * 2**20
-    printed = capsys.readouterr().out
-    assert "registered (not active" in printed
+    printed = capsys.readouterr()
+    assert "registered (not active" in printed.out and "training:" not in printed.err  # --quiet: no progress bar
 
     config = load_config(config_path)
     service = JobService(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.model.builtin import BuiltinModel
+from inference.model.builtin import BuiltinModel, mirror_images
 from inference.model.litemedsam import LITEMEDSAM_SHA256
 
 
@@ -57,4 +57,7 @@ class CachedEncoderModel:
 
     def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7, seed: int = 0):  # type: ignore[no-untyped-def]
         embeddings = self._cache.get(images).float().to(self._model.device)
-        return self._model.interpret_embeddings(embeddings, question, samples, temperature, seed)
+        mirrored = None
+        if self._model.network.config.mirror:
+            mirrored = self._cache.get(mirror_images(images)).float().to(self._model.device)
+        return self._model.interpret_embeddings(embeddings, question, samples, temperature, seed, mirrored)

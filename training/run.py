@@ -51,6 +51,8 @@ class TrainRequest:
     command: str = ""
     architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
     min_lesion_slices: int | dict[str, int] = 2  # the operating point written into the card (ModelCard.min_lesion_slices)
+    mirror: bool = False  # train on left-right mirrored copies of every training slice too (with_mirrored)
+    progress: bool = True  # a progress bar while training (off for logs and scheduled jobs)
 
 
 def check_labels(items: list[LabeledSeries]) -> list[str]:
@@ -85,6 +87,16 @@ def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negati
     return TrainingSet(samples, torch.cat(embeddings))
 
 
+def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
+    """``data`` plus each slice mirrored left-right, masks and all, its embedding from the encoder (the
+    frozen encoder is not mirror-symmetric, so a mirrored embedding cannot be made by flipping one). Twice the
+    lesion shapes and positions for a decoder that otherwise fits a few hundred masks (README)."""
+    flipped = [dataclasses.replace(s, image=np.ascontiguousarray(s.image[:, ::-1]),
+                                   masks=np.ascontiguousarray(s.masks[:, :, ::-1])) for s in data.samples]
+    embeddings = cache.get(np.stack([s.image for s in flipped])) if flipped else data.embeddings[:0]
+    return TrainingSet(data.samples + flipped, torch.cat([data.embeddings, embeddings]))
+
+
 def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard:
     if not items:
         raise TrainingDataError("no labelled series found")
@@ -102,12 +114,14 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
     cache = EmbeddingCache(request.cache, model)
     data = build_training_set(train_items, cache, request.negatives_per_series, request.config.seed,
                               model.input_size, model.normalization)
+    if request.mirror:
+        data = with_mirrored(data, cache)
     logger.info("%d training slices from %d series (%d subjects); %d series held out", len(data.samples),
                 len(train_items), len({i.subject for i in train_items}), len(eval_items))
     trainer = Trainer(model, data, request.config, request.out)
     if request.resume:
         trainer.resume()
-    history = trainer.train()
+    history = trainer.train(progress=request.progress)
     model.save(request.out, dtype=torch.bfloat16)
     trained = BuiltinModel.load(request.out, device=model.device)  # evaluate what was saved, bf16 rounding and all
     metrics = evaluate(eval_items, CachedEncoderModel(trained, EmbeddingCache(request.cache, trained))) if eval_items else {}

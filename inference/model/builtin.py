@@ -27,6 +27,16 @@ def pick_device(preferred: str = "auto") -> torch.device:
     return torch.device(preferred)
 
 
+def mirror_images(images: np.ndarray) -> np.ndarray:
+    """(n, size, size) slices mirrored left-right, contiguous (the encoder cache keys on their bytes)."""
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
+def average_logits(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The logit of the mean of two probabilities, so one threshold applies to the average as to each."""
+    return torch.logit((torch.sigmoid(first.float()) + torch.sigmoid(second.float())) / 2, eps=1e-6)
+
+
 class BuiltinModel:
     """GroundedSegmenter + its card, answering the UniBiomed questions for batches of slices."""
 
@@ -96,13 +106,19 @@ class BuiltinModel:
     def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7,
                   seed: int = 0) -> list[Interpretation]:
         embeddings = self.encode(images)
-        return self.interpret_embeddings(embeddings, question, samples, temperature, seed)
+        mirrored = self.encode(mirror_images(images)) if self.network.config.mirror else None
+        return self.interpret_embeddings(embeddings, question, samples, temperature, seed, mirrored)
 
     @torch.inference_mode()
     def interpret_embeddings(self, embeddings: torch.Tensor, question: str, samples: int = 0,
-                             temperature: float = 0.7, seed: int = 0) -> list[Interpretation]:
-        """The greedy answer per slice; ``samples`` more at ``temperature`` for slices with a [SEG]."""
-        greedy = self._answers(embeddings, question, 0.0, None)
+                             temperature: float = 0.7, seed: int = 0,
+                             mirrored: torch.Tensor | None = None) -> list[Interpretation]:
+        """The greedy answer per slice; ``samples`` more at ``temperature`` for slices with a [SEG].
+        ``mirrored``: the embeddings of the mirrored slices, where the model averages over both
+        (``GroundedConfig.mirror``)."""
+        if self.network.config.mirror and mirrored is None:
+            raise ValueError("this model averages each slice with its mirror: pass the mirrored embeddings")
+        greedy = self._answers(embeddings, question, 0.0, None, mirrored)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         results = []
         for i, answer in enumerate(greedy):
@@ -116,13 +132,17 @@ class BuiltinModel:
         return results
 
     def _answers(self, embeddings: torch.Tensor, question: str, temperature: float,
-                 generator: torch.Generator | None) -> list[Answer]:
+                 generator: torch.Generator | None, mirrored: torch.Tensor | None = None) -> list[Answer]:
         """One answer per slice, decided by the language model or by the mask decoder (GroundedConfig)."""
         config = self.network.config
         if config.decision == "language":
             return self._generated(embeddings, question, temperature, generator)
         start = time.perf_counter()
         logits, iou = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question))
+        if mirrored is not None:
+            other, other_iou = self.network.decode_masks(mirrored, self.network.query_states(mirrored, question))
+            logits = average_logits(logits, other.flip(-1))
+            iou = (iou + other_iou) / 2
         finding = (logits > config.mask_logit).sum(dim=(1, 2)) >= config.min_mask_pixels
         if config.presence:
             finding &= self.network.mask_scores(iou) >= config.presence_threshold
@@ -134,6 +154,9 @@ class BuiltinModel:
             generated = self._generated(embeddings[found], question, temperature, generator, self._answer_start())
             for i, answer in zip(found, generated):
                 answers[i] = answer
+                if mirrored is not None:  # the first mask is the averaged one that made the slice a finding
+                    answer.masks[0] = (logits[i] > config.mask_logit).cpu().numpy()
+                    answer.scores[0] = float(self.network.mask_scores(iou[i:i + 1])[0])
         return answers
 
     def _answer_start(self) -> list[int] | None:

@@ -24,6 +24,12 @@ asks for is on the slice at all. A slice is then a finding only where that proba
 ``presence_threshold`` too. The mask's pixels alone are a poor gate: the mask loss, averaged over 65,536
 pixels, barely notices a false blob of 20, and pushing those pixels down instead shrinks every true mask.
 
+``mirror``: test-time augmentation. The decoder's answer to the [SEG] query is averaged (as probabilities)
+over the slice and its left-right mirror, so a slice is a finding, and its first mask is drawn, only where
+both views agree on average. The encoder runs twice per slice. Only with "decoder", and meant for a model
+trained on mirrored copies too (``TrainConfig.mirror``): a model that never saw a mirrored slice answers one
+much worse than the slice itself, and the average mostly loses.
+
 ``region_tokens``: the token after each [SEG] also carries what lies under that [SEG]'s mask (the embedding
 averaged inside the mask and in a ring around it, the mask's centre and size), so the label the language
 model writes next is read from the lesion and its surroundings, not only from the coarse image tokens (which
@@ -66,6 +72,7 @@ class GroundedConfig:
     mask_threshold: float = 0.5  # a pixel is in the mask where the decoder's probability exceeds this
     presence: bool = False  # the IoU head is a presence logit (module docstring)
     presence_threshold: float = 0.5  # with ``presence`` and "decoder": the least presence probability of a finding
+    mirror: bool = False  # "decoder": the first mask averaged over the slice and its mirror (module docstring)
 
     @property
     def mask_logit(self) -> float:
@@ -81,6 +88,8 @@ class GroundedConfig:
             raise ValueError("mask_threshold must lie between 0 and 1")
         if not 0 <= self.presence_threshold < 1:
             raise ValueError("presence_threshold must be at least 0 and below 1")
+        if self.mirror and self.decision != "decoder":
+            raise ValueError('mirror averages the decoder\'s answer: it needs decision = "decoder"')
 
     def to_dict(self) -> dict:
         return asdict(self)
