@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.model.builtin import BuiltinModel, pick_device
+from inference.model.builtin import BuiltinModel, mirror_images, pick_device
 from inference.model.card import CARD_FILE, ModelCard
 from inference.model.grounded import GroundedConfig
 from inference.model.vocabulary import build_tokenizer
@@ -91,8 +91,7 @@ def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
     """``data`` plus each slice mirrored left-right, masks and all, its embedding from the encoder (the
     frozen encoder is not mirror-symmetric, so a mirrored embedding cannot be made by flipping one). Twice the
     lesion shapes and positions for a decoder that otherwise fits a few hundred masks (README)."""
-    flipped = [dataclasses.replace(s, image=np.ascontiguousarray(s.image[:, ::-1]),
-                                   masks=np.ascontiguousarray(s.masks[:, :, ::-1])) for s in data.samples]
+    flipped = [dataclasses.replace(s, image=mirror_images(s.image), masks=mirror_images(s.masks)) for s in data.samples]
     embeddings = cache.get(np.stack([s.image for s in flipped])) if flipped else data.embeddings[:0]
     return TrainingSet(data.samples + flipped, torch.cat([data.embeddings, embeddings]))
 

@@ -28,8 +28,9 @@ def pick_device(preferred: str = "auto") -> torch.device:
 
 
 def mirror_images(images: np.ndarray) -> np.ndarray:
-    """(n, size, size) slices mirrored left-right, contiguous (the encoder cache keys on their bytes)."""
-    return np.ascontiguousarray(images[:, :, ::-1])
+    """Slices or masks (their last axis runs left-right) mirrored left-right, contiguous (the encoder cache
+    keys on their bytes)."""
+    return np.ascontiguousarray(images[..., ::-1])
 
 
 def average_logits(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ pixels, barely notices a false blob of 20, and pushing those pixels down instead
 ``mirror``: test-time augmentation. The decoder's answer to the [SEG] query is averaged (as probabilities)
 over the slice and its left-right mirror, so a slice is a finding, and its first mask is drawn, only where
 both views agree on average. The encoder runs twice per slice. Only with "decoder", and meant for a model
-trained on mirrored copies too (``TrainConfig.mirror``): a model that never saw a mirrored slice answers one
+trained on mirrored copies too (``TrainRequest.mirror``, ``dicom-node train --mirror``): a model that never saw a mirrored slice answers one
 much worse than the slice itself, and the average mostly loses.
 
 ``region_tokens``: the token after each [SEG] also carries what lies under that [SEG]'s mask (the embedding
