@@ -5,7 +5,7 @@ skips) with the model's default architecture. Without a trained checkpoint the h
 and the language model is capped at ``--answer-tokens`` new tokens, the length of a typical answer
 ("It is [SEG]. Liver tumor." is 7 tokens and EOS), so that the language model's share is realistic.
 
-    python -m benchmarks.inference [--slices 24] [--threads 2] [--batch 4] [--checkpoint DIR] [--no-bf16]
+    python -m benchmarks.inference [--slices 24] [--threads 2] [--batch 4] [--checkpoint DIR] [--precision card|bf16|fp32]
 """
 
 from __future__ import annotations
@@ -44,17 +44,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--checkpoint", help="a checkpoint folder; default: default architecture, fresh heads")
-    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--precision", choices=("card", "bf16", "fp32"), default="card",
+                        help="the encoder's precision (default: the checkpoint card's; fp32 for fresh heads)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if args.checkpoint:
-        model = BuiltinModel.load(args.checkpoint, device=device, bf16=not args.no_bf16)
+        model = BuiltinModel.load(args.checkpoint, device=device, bf16=None if args.precision == "card" else args.precision == "bf16")
     else:
         architecture = dataclasses.replace(GroundedConfig(), max_new_tokens=args.answer_tokens).to_dict()
-        card = ModelCard(name="benchmark", version="0", architecture=architecture, modalities=("CT",))
-        model = BuiltinModel.new(card, device=device, bf16=not args.no_bf16)
+        card = ModelCard(name="benchmark", version="0", architecture=architecture, modalities=("CT",),
+                         encoder_precision="bf16" if args.precision == "bf16" else "fp32")
+        model = BuiltinModel.new(card, device=device)
     volume = synthetic_ct(args.slices)
     interpret_volume(synthetic_ct(args.batch + 4), model, EngineConfig(batch_size=args.batch))  # warm-up
     model.timings.clear()

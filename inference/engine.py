@@ -18,6 +18,7 @@ from enum import Enum
 import numpy as np
 
 from inference.findings import Lesion, SliceFinding, aggregate
+from inference.model.detail import context_indices
 from inference.model.protocol import GroundedModel, Interpretation, min_lesion_slices, recognition_question
 from inference.preprocess import SlicePreparer, SliceTransform
 from inference.reliability import level, semantic_entropy
@@ -72,10 +73,12 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
     prepared = time.perf_counter()
     selected = np.flatnonzero(preparer.body_fraction >= config.min_body_fraction)
     findings: list[SliceFinding] = []
+    context = getattr(model, "context_slices", 0)  # neighbours each side a 2.5D model sees with each slice
     for start in range(0, len(selected), config.batch_size):
         batch = selected[start:start + config.batch_size]
+        extra = {"context": _with_neighbours(preparer, batch, context)} if context else {}
         interpretations = model.interpret(preparer.images(batch), question, samples=model.reliability.samples,
-                                          temperature=model.reliability.temperature, seed=config.seed + start)
+                                          temperature=model.reliability.temperature, seed=config.seed + start, **extra)
         for k, interpretation in zip(batch.tolist(), interpretations):
             if observe is not None:
                 observe(k, interpretation, preparer.transform)
@@ -90,6 +93,15 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
         Assessment.ASSESSED, "", lesions, model.version, question, len(selected), skipped,
         {"prepare": prepared - started, "model": interpreted - prepared, "aggregate": done - interpreted},
     )
+
+
+def _with_neighbours(preparer: SlicePreparer, batch: np.ndarray, context: int) -> np.ndarray:
+    """(n, 2 * context + 1, size, size): each slice of ``batch`` between its neighbours (the edge slice
+    repeated past either end), slices with no body included: they are what lies above and below."""
+    count = len(preparer.body_fraction)
+    indices = np.array([context_indices(int(k), count, context) for k in batch])
+    images = preparer.images(indices.ravel())
+    return images.reshape(*indices.shape, *images.shape[1:])
 
 
 def _slice_findings(k: int, interpretation: Interpretation, transform: SliceTransform, model: GroundedModel,

@@ -85,7 +85,8 @@ TINY = {"hidden_size": 64, "layers": 2, "heads": 2, "max_new_tokens": 24}
 def tiny_card(**changes):
     from inference.model.card import ModelCard
 
-    return ModelCard(**{"name": "tiny", "version": "0.0.1-test", "architecture": TINY, "modalities": ("CT", "MR")} | changes)
+    return ModelCard(**{"name": "tiny", "version": "0.0.1-test", "architecture": TINY, "modalities": ("CT", "MR"),
+                        "encoder_precision": "fp32"} | changes)
 
 
 def _question() -> str:
@@ -109,7 +110,34 @@ def trained_presence():
     return _teach(tiny_card(architecture=TINY | {"presence": True}))
 
 
-def _teach(card):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="session")
+def trained_detail():
+    """As ``trained``, for a decoder-decided model with a detail branch that sees one neighbour each side
+    (2.5D): the two slices are taught as the volume [finding, clear], each between its neighbours as the
+    engine passes them (the edge slice repeated). Returns ``_teach``'s tuple plus those stacks."""
+    import numpy as np
+
+    from inference.model.detail import context_indices
+
+    architecture = TINY | {"decision": "decoder", "region_tokens": True, "min_mask_pixels": 5, "detail_width": 8,
+                           "context_slices": 1}
+    volume = _images()
+    stacks = np.stack([volume[context_indices(k, 2, 1)] for k in (0, 1)])
+    return (*_teach(tiny_card(architecture=architecture), stacks), stacks)
+
+
+def _images():  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    images = np.zeros((2, 256, 256), np.float32)
+    images[0, 30:70, 30:70] = 1.0
+    images[0, 180:220, 160:230] = 0.8
+    images[1] += 0.3
+    return images
+
+
+def _teach(card, stacks=None):  # type: ignore[no-untyped-def]
+    """``stacks``: the detail branch's input for the two slices, for a model with one."""
     import numpy as np
     import torch
 
@@ -118,10 +146,7 @@ def _teach(card):  # type: ignore[no-untyped-def]
 
     torch.manual_seed(0)
     model = BuiltinModel.new(card)
-    images = np.zeros((2, 256, 256), np.float32)
-    images[0, 30:70, 30:70] = 1.0
-    images[0, 180:220, 160:230] = 0.8
-    images[1] += 0.3
+    images = _images()
     targets = [torch.zeros(2, 256, 256), torch.zeros(0, 256, 256)]
     targets[0][0, 30:70, 30:70] = 1
     targets[0][1, 180:220, 160:230] = 1
@@ -133,8 +158,10 @@ def _teach(card):  # type: ignore[no-untyped-def]
         {"params": network.mask_decoder.parameters(), "lr": 5e-4},
     ])
     network.train()
+    slices = None if stacks is None else torch.from_numpy(model.detail_input(images, stacks))
     for _ in range(100):
-        parts = grounded_loss(network, embeddings, QUESTION, answers, targets)
+        detail = network.detail_features(slices) if slices is not None else None
+        parts = grounded_loss(network, embeddings, QUESTION, answers, targets, detail)
         optimizer.zero_grad()
         parts.total.backward()
         optimizer.step()

@@ -108,3 +108,33 @@ def test_trained_builtin_model_end_to_end(trained):
         assert (lesion.mask[0] & truth).sum() / (lesion.mask[0] | truth).sum() > 0.8
         assert lesion.reliability in (Reliability.HIGH, Reliability.MEDIUM, Reliability.LOW)
         assert lesion.texts == ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor."]
+
+
+class NeighbourModel(ThresholdModel):
+    """A 2.5D model double: records the neighbours the engine passes with each batch."""
+
+    context_slices = 1
+
+    def __init__(self):
+        super().__init__()
+        self.contexts = []
+
+    def interpret(self, images, question, samples=0, temperature=0.7, seed=0, context=None):
+        self.contexts.append(context)
+        return super().interpret(images, question, samples, temperature, seed)
+
+
+def test_a_2_5d_model_gets_each_slice_between_its_neighbours():
+    """Slice k comes with k - 1 and k + 1 (the edge slice repeated past the ends), across batch boundaries, and
+    a slice with no body (skipped itself) is still the neighbour of the first slice with body."""
+    from inference.preprocess import SlicePreparer
+
+    volume, model = ct_volume(), NeighbourModel()
+    result = interpret_volume(volume, model, EngineConfig(batch_size=4))
+    assert result.slices_interpreted == 11 and model.batches == [4, 4, 3]
+    every = SlicePreparer(volume, 64, Normalization()).images(np.arange(12))
+    contexts = np.concatenate(model.contexts)
+    assert contexts.shape == (11, 3, 64, 64)
+    for row, k in enumerate(range(1, 12)):
+        np.testing.assert_array_equal(contexts[row], every[[k - 1, k, min(k + 1, 11)]])
+    assert len(result.lesions) == 1  # the finding itself is unchanged

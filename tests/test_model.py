@@ -139,7 +139,9 @@ def test_a_card_refuses_an_impossible_operating_point(operating_point):
 
 
 @pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}, {"mask_threshold": 0.0}, {"mask_threshold": 1.0},
-                                    {"presence_threshold": 1.0}, {"presence_threshold": -0.1}, {"mirror": True}])
+                                    {"presence_threshold": 1.0}, {"presence_threshold": -0.1}, {"mirror": True},
+                                    {"detail_width": 6}, {"detail_width": -4}, {"context_slices": 1},
+                                    {"detail_width": 8, "context_slices": -1}])
 def test_an_unknown_decision_rule_is_refused(change):
     with pytest.raises(ValueError):
         GroundedConfig(**change)
@@ -207,3 +209,54 @@ def test_checkpoint_round_trip_and_tamper_check(trained, tmp_path):
     weights.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
     with pytest.raises(WeightsError, match="SHA-256"):
         BuiltinModel.load(tmp_path / "ckpt")
+
+
+def test_a_new_detail_branch_leaves_litemedsams_decoder_as_it_was():
+    """The detail branch's outputs start at zero, so a new model decodes exactly as SAM's own MaskDecoder
+    (whose single-mask path our fused decoder re-implements): training starts from LiteMedSAM's decoder."""
+    from tests.conftest import TINY, tiny_card
+
+    torch.manual_seed(0)
+    network = BuiltinModel.new(tiny_card(architecture=TINY | {"detail_width": 8, "context_slices": 1})).network.eval()
+    embeddings, hidden = torch.randn(3, 256, 64, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        plain_logits, plain_iou = network.decode_masks(embeddings, hidden)
+        detail = network.detail_features(torch.rand(3, 3, 256, 256))
+        logits, iou = network.decode_masks(embeddings, hidden, detail)
+        assert detail.dense.abs().max() == 0 and detail.fine.abs().max() == 0
+        torch.testing.assert_close(logits, plain_logits, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(iou, plain_iou, atol=1e-4, rtol=1e-4)
+        network.detail.to_fine[-1].bias.data.fill_(0.1)  # and the fine features do reach the mask
+        assert not torch.allclose(network.decode_masks(embeddings, hidden, network.detail_features(torch.rand(3, 3, 256, 256)))[0],
+                                  plain_logits, atol=1e-3)
+
+
+def test_a_2_5d_model_finds_its_lesions_through_the_engine_and_keeps_them_in_its_checkpoint(trained_detail, tmp_path):
+    """A model whose detail branch sees each slice between its neighbours, through the node's engine (which
+    passes those neighbours) and after a save and load (the branch's weights are in the checkpoint)."""
+    from inference.engine import EngineConfig, interpret_volume
+    from inference.slicing import SliceRef, Volume
+
+    model, images, _, targets, _, stacks = trained_detail
+    window = model.normalization.ct_window
+    hu = window[0] - window[1] / 2 + images * window[1]
+    volume = Volume(hu.astype(np.float32), np.zeros(3), (1.0, 1.0, 2.0), np.eye(3), np.array([0.0, 2.0]), "1.2", "CT",
+                    "1.2.6", [SliceRef(f"1.2.6.{k}") for k in range(2)])
+    result = interpret_volume(volume, model, EngineConfig(batch_size=2))
+    by_label = {lesion.label: lesion for lesion in result.lesions}
+    assert set(by_label) == {"Lung nodule", "Kidney tumor"}
+    for index, label in enumerate(["Lung nodule", "Kidney tumor"]):
+        lesion, truth = by_label[label], targets[0][index]
+        assert lesion.slice_range == (0, 0)
+        assert (lesion.mask[0] & truth).sum() / (lesion.mask[0] | truth).sum() > 0.8
+
+    model.save(tmp_path / "ckpt")
+    loaded = BuiltinModel.load(tmp_path / "ckpt")
+    assert loaded.context_slices == 1
+    before, after = model.interpret(images, QUESTION, context=stacks), loaded.interpret(images, QUESTION, context=stacks)
+    assert [r.answer.text for r in after] == [r.answer.text for r in before] == [
+        "It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
+    for a, b in zip(before[0].answer.masks, after[0].answer.masks):
+        assert (a ^ b).sum() <= 0.01 * a.sum()  # the same masks, but for the bf16 rounding of saved weights
+    with pytest.raises(ValueError, match="neighbouring"):
+        loaded.interpret(images, QUESTION)

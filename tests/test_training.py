@@ -123,7 +123,8 @@ def test_the_store_gives_the_readers_latest_seg_and_never_the_nodes_own(running_
     assert dcmread(item.segmentation).SOPInstanceUID == dcmread(reader).SOPInstanceUID
 
 
-def tiny_training_set():
+def tiny_training_set(context=None):
+    """Four CT slices, two with a finding; ``context``: the detail branch's neighbours each side (its stacks kept)."""
     from training.dataset import SliceSample
     from training.trainer import TrainingSet
 
@@ -134,26 +135,30 @@ def tiny_training_set():
         positive = i % 2 == 0
         samples.append(SliceSample(np.zeros((256, 256), np.float32), masks if positive else np.zeros((0, 256, 256), bool),
                                    ("Liver tumor",) if positive else (), "1.2.3", i, "CT"))
-    return TrainingSet(samples, torch.from_numpy(rng.normal(size=(4, 256, 64, 64)).astype(np.float32)).to(torch.bfloat16))
+    stacks = None if context is None else rng.uniform(0, 1, (4, 2 * context + 1, 256, 256)).astype(np.float32)
+    return TrainingSet(samples, torch.from_numpy(rng.normal(size=(4, 256, 64, 64)).astype(np.float32)).to(torch.bfloat16), stacks)
 
 
-def test_training_resumes_exactly_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("context", [None, 1])
+def test_training_resumes_exactly_where_it_stopped(tmp_path, context):
+    """Also for a model with a detail branch, whose input is augmented from the trainer's random state."""
     from inference.model.builtin import BuiltinModel
-    from tests.conftest import tiny_card
+    from tests.conftest import TINY, tiny_card
     from training.trainer import TrainConfig, Trainer
 
     config = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, warmup_steps=1)
+    architecture = TINY if context is None else TINY | {"detail_width": 8, "context_slices": context}
 
     def fresh():
         torch.manual_seed(0)
-        return BuiltinModel.new(tiny_card())
+        return BuiltinModel.new(tiny_card(architecture=architecture))
 
     straight = fresh()
-    Trainer(straight, tiny_training_set(), config, tmp_path / "a").train(progress=False)
+    Trainer(straight, tiny_training_set(context), config, tmp_path / "a").train(progress=False)
     interrupted = fresh()
-    Trainer(interrupted, tiny_training_set(), config, tmp_path / "b").train(progress=False, until=2)  # then "killed"
+    Trainer(interrupted, tiny_training_set(context), config, tmp_path / "b").train(progress=False, until=2)  # then "killed"
     resumed = fresh()
-    trainer = Trainer(resumed, tiny_training_set(), config, tmp_path / "b")
+    trainer = Trainer(resumed, tiny_training_set(context), config, tmp_path / "b")
     assert trainer.resume() and trainer.step == 2
     history = trainer.train(progress=False)
     assert [h["step"] for h in history] == [1, 2, 3, 4]
@@ -188,6 +193,19 @@ def test_mirrored_copies_carry_mirrored_masks_and_their_own_encoding(tmp_path):
     encoded = model.encode(copy.image[None]).to(torch.bfloat16)
     torch.testing.assert_close(both.embeddings[1:].float(), encoded.float(), atol=0.05, rtol=0.05)
     assert not torch.allclose(both.embeddings[1:].float(), data.embeddings.flip(-1).float(), atol=0.05, rtol=0.05)
+
+
+def test_intensity_augmentation_changes_grey_levels_alike_across_a_slices_neighbours():
+    from training.trainer import augment_intensity
+
+    ramp = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (256, 1))
+    stacks = np.stack([np.stack([ramp, ramp, ramp])] * 64)  # 64 samples, each three equal slices
+    out = augment_intensity(stacks, np.random.default_rng(0))
+    assert out.shape == stacks.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    assert np.abs(out - stacks).mean() > 0.02  # grey levels do change
+    means = out.mean(axis=(2, 3))  # (64, 3): one transform per sample: its three slices agree but for noise
+    assert np.abs(means - means[:, :1]).max() < 0.01 and means[:, 1].std() > 0.02
+    np.testing.assert_array_equal(out, augment_intensity(stacks, np.random.default_rng(0)))  # seeded
 
 
 class OracleModel:

@@ -13,6 +13,9 @@ from inference.model.builtin import BuiltinModel, mirror_images
 from inference.model.litemedsam import LITEMEDSAM_SHA256
 
 
+COMPILE_FROM = 16  # missing slices in one call from which the encoder is compiled (a series' worth: bulk encoding)
+
+
 class EmbeddingCache:
     """(256, 64, 64) bf16 embeddings keyed by the SHA-1 of the model-ready slice and the encoder's identity."""
 
@@ -32,6 +35,8 @@ class EmbeddingCache:
         """(n, size, size) model-ready slices -> (n, 256, 64, 64) bf16 embeddings, encoding only the missing."""
         paths = [self._path(image) for image in images]
         missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        if len(missing) >= COMPILE_FROM and not self.model.bf16:
+            self.model.compile_encoder()  # a minute of compiling pays back from about a hundred slices
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         for start in range(0, len(missing), self.batch_size):
@@ -55,9 +60,11 @@ class CachedEncoderModel:
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self._model, name)
 
-    def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7, seed: int = 0):  # type: ignore[no-untyped-def]
+    def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7, seed: int = 0,  # type: ignore[no-untyped-def]
+                  context: np.ndarray | None = None):
+        slices = self._model.detail_input(images, context)
         embeddings = self._cache.get(images).float().to(self._model.device)
         mirrored = None
         if self._model.network.config.mirror:
             mirrored = self._cache.get(mirror_images(images)).float().to(self._model.device)
-        return self._model.interpret_embeddings(embeddings, question, samples, temperature, seed, mirrored)
+        return self._model.interpret_embeddings(embeddings, question, samples, temperature, seed, mirrored, slices)

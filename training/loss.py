@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from inference.model.detail import DetailFeatures
 from inference.model.grounded import GroundedSegmenter
 from inference.model.vocabulary import EOS, PAD, SEG, encode
 
@@ -77,8 +78,9 @@ def teacher_forced(network: GroundedSegmenter, embeddings: torch.Tensor, questio
 
 
 def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question: str, answers: list[str],
-                  masks: list[torch.Tensor]) -> LossParts:
-    """``embeddings`` (n, 256, 64, 64); ``answers`` n texts; ``masks`` n tensors (n_seg_i, 256, 256) in {0, 1}."""
+                  masks: list[torch.Tensor], detail: DetailFeatures | None = None) -> LossParts:
+    """``embeddings`` (n, 256, 64, 64); ``answers`` n texts; ``masks`` n tensors (n_seg_i, 256, 256) in {0, 1};
+    ``detail``: the detail branch's features of the n slices (models with one)."""
     forced = teacher_forced(network, embeddings, question, answers, [m.float() for m in masks])
     ids, valid, logits = forced.ids, forced.valid, forced.logits
     seg_positions = (ids == network.token_id(SEG)) & (valid == 1)
@@ -88,7 +90,8 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
     clear_bce = torch.zeros((), device=embeddings.device)
     presence_logits, presence_targets = [], []
     if clear:
-        logits, iou = network.decode_masks(embeddings[clear], network.query_states(embeddings[clear], question))
+        logits, iou = network.decode_masks(embeddings[clear], network.query_states(embeddings[clear], question),
+                                           None if detail is None else detail[clear])
         clear_bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
         total = total + BCE_WEIGHT * clear_bce
         presence_logits.append(iou)
@@ -96,7 +99,7 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
     if seg_positions.any():
         hidden = forced.hidden[seg_positions]  # (m, hidden), in sample order
         owners = torch.nonzero(seg_positions)[:, 0]
-        predicted, iou = network.decode_masks(embeddings[owners], hidden)
+        predicted, iou = network.decode_masks(embeddings[owners], hidden, None if detail is None else detail[owners])
         presence_logits.append(iou)
         presence_targets.append(torch.ones_like(iou))
     presence = torch.zeros((), device=embeddings.device)

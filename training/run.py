@@ -16,6 +16,7 @@ import torch
 
 from inference.model.builtin import BuiltinModel, mirror_images, pick_device
 from inference.model.card import CARD_FILE, ModelCard
+from inference.model.detail import context_indices
 from inference.model.grounded import GroundedConfig
 from inference.model.vocabulary import build_tokenizer
 from training.cache import CachedEncoderModel, EmbeddingCache
@@ -53,6 +54,9 @@ class TrainRequest:
     min_lesion_slices: int | dict[str, int] = 2  # the operating point written into the card (ModelCard.min_lesion_slices)
     mirror: bool = False  # train on left-right mirrored copies of every training slice too (with_mirrored)
     progress: bool = True  # a progress bar while training (off for logs and scheduled jobs)
+    # The frozen encoder's precision, in training and in the card (ModelCard.encoder_precision): fp32 runs
+    # alike on every CPU; bf16 only pays on CPUs with native bf16.
+    encoder_precision: str = "fp32"
 
 
 def check_labels(items: list[LabeledSeries]) -> list[str]:
@@ -69,22 +73,27 @@ def check_labels(items: list[LabeledSeries]) -> list[str]:
 
 
 def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negatives: int | None, seed: int,
-                       size: int, normalization) -> TrainingSet:  # type: ignore[no-untyped-def]
+                       size: int, normalization, context: int | None = None) -> TrainingSet:  # type: ignore[no-untyped-def]
     """Every slice with a finding and (up to ``negatives``) clear slices with body in them, per series: the
-    model must learn what "No findings." looks like from as many slices as it will meet."""
+    model must learn what "No findings." looks like from as many slices as it will meet. ``context``: for a
+    model with a detail branch, the neighbours each side it sees (the set then keeps each slice's stack)."""
     rng = np.random.default_rng(seed)
     samples: list[SliceSample] = []
     embeddings = []
+    stacks = []
     for n, item in enumerate(items, start=1):
         series = series_samples(item.series, item.segmentation, size, normalization)
         positive = [s for s in series if s.labels]
         clear = [s for s in series if not s.labels and (s.image > 0.05).mean() > 0.02]
         picked = positive + [clear[i] for i in sorted(rng.permutation(len(clear))[:negatives if negatives is not None else len(clear)])]
         embeddings.append(cache.get(np.stack([s.image for s in picked])))
+        if context is not None:
+            stacks.append(np.stack([np.stack([series[j].image for j in context_indices(s.slice_index, len(series), context)])
+                                    for s in picked]))
         samples.extend(picked)
         logger.info("series %d/%d (%s): %d slices with findings, %d clear", n, len(items), item.subject, len(positive),
                     len(picked) - len(positive))
-    return TrainingSet(samples, torch.cat(embeddings))
+    return TrainingSet(samples, torch.cat(embeddings), np.concatenate(stacks) if stacks else None)
 
 
 def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
@@ -93,7 +102,8 @@ def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
     lesion shapes and positions for a decoder that otherwise fits a few hundred masks (README)."""
     flipped = [dataclasses.replace(s, image=mirror_images(s.image), masks=mirror_images(s.masks)) for s in data.samples]
     embeddings = cache.get(np.stack([s.image for s in flipped])) if flipped else data.embeddings[:0]
-    return TrainingSet(data.samples + flipped, torch.cat([data.embeddings, embeddings]))
+    stacks = None if data.detail_inputs is None else np.concatenate([data.detail_inputs, mirror_images(data.detail_inputs)])
+    return TrainingSet(data.samples + flipped, torch.cat([data.embeddings, embeddings]), stacks)
 
 
 def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard:
@@ -107,12 +117,13 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
     torch.manual_seed(request.config.seed)
     modalities = tuple(sorted({i.modality for i in items}))
     card = ModelCard(name="dicom-node built-in", version=request.version, architecture=request.architecture,
-                     min_lesion_slices=request.min_lesion_slices,
+                     min_lesion_slices=request.min_lesion_slices, encoder_precision=request.encoder_precision,
                      modalities=modalities, findings=tuple(labels), training_data=request.description)
     model = BuiltinModel.new(card, device=pick_device(request.device))
     cache = EmbeddingCache(request.cache, model)
+    config = model.network.config
     data = build_training_set(train_items, cache, request.negatives_per_series, request.config.seed,
-                              model.input_size, model.normalization)
+                              model.input_size, model.normalization, config.context_slices if config.detail_width else None)
     if request.mirror:
         data = with_mirrored(data, cache)
     logger.info("%d training slices from %d series (%d subjects); %d series held out", len(data.samples),

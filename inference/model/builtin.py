@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard, sha256_of
+from inference.model.detail import DetailFeatures
 from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
 from inference.model.litemedsam import WeightsError, load_litemedsam
 from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope
@@ -42,14 +44,17 @@ class BuiltinModel:
     """GroundedSegmenter + its card, answering the UniBiomed questions for batches of slices."""
 
     def __init__(self, network: GroundedSegmenter, card: ModelCard, device: torch.device | None = None,
-                 bf16: bool = True) -> None:
+                 bf16: bool | None = None) -> None:
+        """``bf16``: run the frozen encoder in bf16 weights; None (the default): as the card says the model
+        was trained (``ModelCard.encoder_precision``)."""
         self.device = device or pick_device()
         self.network = network.to(self.device).eval()
-        self.bf16 = bf16
-        # The frozen encoder runs in bf16 weights, channels-last (oneDNN): 0.70 s/slice on 2 cores here,
-        # against 0.86 (bf16 autocast, channels-last), 1.15 (autocast) and 2.4 (fp32).
+        self.bf16 = card.encoder_precision == "bf16" if bf16 is None else bf16
+        # The frozen encoder runs channels-last (oneDNN). On 2 cores with AVX512-BF16: 0.70 s/slice in bf16
+        # weights, against 0.86 (bf16 autocast, channels-last), 1.15 (autocast) and 2.4 (fp32); on 2 AMD Zen 3
+        # cores (AVX2, no native bf16): 2.2 s in fp32, 12 s in bf16.
         self.network.image_encoder.to(memory_format=torch.channels_last)
-        if bf16:
+        if self.bf16:
             self.network.image_encoder.to(torch.bfloat16)
         self.card = card
         self.input_size = card.input_size
@@ -58,17 +63,19 @@ class BuiltinModel:
         self.normalization = card.normalization
         self.reliability = card.reliability
         self.min_lesion_slices = card.min_lesion_slices
+        self.context_slices = network.config.context_slices  # neighbours each side the engine passes (2.5D)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # compile_encoder
 
     @classmethod
     def new(cls, card: ModelCard, pretrained_sam: bool = True, device: torch.device | None = None,
-            bf16: bool = True) -> BuiltinModel:
+            bf16: bool | None = None) -> BuiltinModel:
         """A model with LiteMedSAM's pretrained encoder and decoder and freshly initialised heads."""
         config = GroundedConfig(**card.architecture)
         return cls(GroundedSegmenter(config, load_litemedsam(pretrained_sam)), card, device, bf16)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | None = None, bf16: bool = True) -> BuiltinModel:
+    def load(cls, folder: Path, device: torch.device | None = None, bf16: bool | None = None) -> BuiltinModel:
         """Load a checkpoint folder; the weights must match the SHA-256 in its card."""
         card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
         if not card_path.is_file() or not weights_path.is_file():
@@ -94,32 +101,82 @@ class BuiltinModel:
         return self.card
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        """(n, size, size) -> (n, 256, 64, 64) float32 image embeddings (computed in bf16 by default)."""
+        """(n, size, size) -> (n, 256, 64, 64) float32 image embeddings (computed in the encoder's precision)."""
         start = time.perf_counter()
         batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
         if self.bf16:
             batch = batch.to(torch.bfloat16)
-        embeddings = self.network.encode_images(batch).float().contiguous()
+        if self._compiled is not None:
+            embeddings = self._encode_compiled(batch)
+        else:
+            embeddings = self.network.encode_images(batch).float().contiguous()
         self.timings["encoder"] += time.perf_counter() - start
         return embeddings
 
+    def compile_encoder(self) -> None:
+        """Encode through ``torch.compile`` from now on, one slice at a time in the default memory format:
+        on 2 AMD Zen 3 cores, fp32, 1.3 s/slice against 2.2 eager, after about a minute of compiling, so for
+        bulk encoding (the training cache), not for a node's series. The embeddings agree with eager ones to
+        about 1e-5. Where compiling fails (no C++ compiler), encoding goes on eagerly."""
+        if self._compiled is None:
+            encoder = self.network.image_encoder
+            self._compiled = torch.compile(encoder.to(memory_format=torch.contiguous_format))
+
+    @torch.inference_mode()
+    def _encode_compiled(self, batch: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.cat([self._compiled(image[None, None].expand(-1, 3, -1, -1).contiguous()).float()
+                              for image in batch])
+        except Exception:  # noqa: BLE001 - torch.compile's failures are many (no compiler, unsupported op)
+            logger.warning("the compiled encoder failed; encoding eagerly", exc_info=True)
+            self._compiled = None
+            self.network.image_encoder.to(memory_format=torch.channels_last)
+            return self.network.encode_images(batch).float().contiguous()
+
+    def detail_input(self, images: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        """What the detail branch sees: (n, 2 * context_slices + 1, size, size), each slice between its
+        neighbours (``context``, from the engine) or, for a model without neighbours, the slice alone."""
+        if context is None:
+            if self.context_slices:
+                raise ValueError(f"this model sees {self.context_slices} neighbouring slice(s) each side: pass context")
+            return images[:, None]
+        if context.shape[:2] != (len(images), 2 * self.context_slices + 1):
+            raise ValueError(f"context must be (n, {2 * self.context_slices + 1}, size, size), not {context.shape}")
+        return context
+
+    def detail(self, slices: np.ndarray | None) -> DetailFeatures | None:
+        """The detail branch's features of ``detail_input`` slices (None for a model without the branch)."""
+        if not self.network.config.detail_width or slices is None:
+            return None
+        start = time.perf_counter()
+        features = self.network.detail_features(torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(self.device))
+        self.timings["detail"] += time.perf_counter() - start
+        return features
+
     @torch.inference_mode()
     def interpret(self, images: np.ndarray, question: str, samples: int = 0, temperature: float = 0.7,
-                  seed: int = 0) -> list[Interpretation]:
+                  seed: int = 0, context: np.ndarray | None = None) -> list[Interpretation]:
+        """``context``: (n, 2 * context_slices + 1, size, size), slice k between its neighbours, for a model
+        whose detail branch sees them (``context_slices``)."""
+        slices = self.detail_input(images, context)
         embeddings = self.encode(images)
         mirrored = self.encode(mirror_images(images)) if self.network.config.mirror else None
-        return self.interpret_embeddings(embeddings, question, samples, temperature, seed, mirrored)
+        return self.interpret_embeddings(embeddings, question, samples, temperature, seed, mirrored, slices)
 
     @torch.inference_mode()
     def interpret_embeddings(self, embeddings: torch.Tensor, question: str, samples: int = 0,
-                             temperature: float = 0.7, seed: int = 0,
-                             mirrored: torch.Tensor | None = None) -> list[Interpretation]:
+                             temperature: float = 0.7, seed: int = 0, mirrored: torch.Tensor | None = None,
+                             slices: np.ndarray | None = None) -> list[Interpretation]:
         """The greedy answer per slice; ``samples`` more at ``temperature`` for slices with a [SEG].
         ``mirrored``: the embeddings of the mirrored slices, where the model averages over both
-        (``GroundedConfig.mirror``)."""
+        (``GroundedConfig.mirror``); ``slices``: the detail branch's input (``detail_input``)."""
         if self.network.config.mirror and mirrored is None:
             raise ValueError("this model averages each slice with its mirror: pass the mirrored embeddings")
-        greedy = self._answers(embeddings, question, 0.0, None, mirrored)
+        if self.network.config.detail_width and slices is None:
+            raise ValueError("this model has a detail branch: pass its slices (detail_input)")
+        detail = self.detail(slices)
+        mirrored_detail = self.detail(mirror_images(slices)) if mirrored is not None and slices is not None else None
+        greedy = self._answers(embeddings, question, 0.0, None, mirrored, detail, mirrored_detail)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         results = []
         for i, answer in enumerate(greedy):
@@ -128,20 +185,23 @@ class BuiltinModel:
                 repeated = embeddings[i:i + 1].expand(samples, -1, -1, -1)
                 # The slice is known to have a finding: with the decoder deciding, its gate would only repeat
                 # the greedy answer's, so the samples start from the answer's start as that one did.
-                sampled = tuple(self._generated(repeated, question, temperature, generator, self._answer_start()))
+                rows = None if detail is None else detail[[i] * samples]
+                sampled = tuple(self._generated(repeated, question, temperature, generator, self._answer_start(), rows))
             results.append(Interpretation(answer, sampled))
         return results
 
     def _answers(self, embeddings: torch.Tensor, question: str, temperature: float,
-                 generator: torch.Generator | None, mirrored: torch.Tensor | None = None) -> list[Answer]:
+                 generator: torch.Generator | None, mirrored: torch.Tensor | None = None,
+                 detail: DetailFeatures | None = None, mirrored_detail: DetailFeatures | None = None) -> list[Answer]:
         """One answer per slice, decided by the language model or by the mask decoder (GroundedConfig)."""
         config = self.network.config
         if config.decision == "language":
-            return self._generated(embeddings, question, temperature, generator)
+            return self._generated(embeddings, question, temperature, generator, detail=detail)
         start = time.perf_counter()
-        logits, iou = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question))
+        logits, iou = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question), detail)
         if mirrored is not None:
-            other, other_iou = self.network.decode_masks(mirrored, self.network.query_states(mirrored, question))
+            other, other_iou = self.network.decode_masks(mirrored, self.network.query_states(mirrored, question),
+                                                         mirrored_detail)
             logits = average_logits(logits, other.flip(-1))
             iou = (iou + other_iou) / 2
         finding = (logits > config.mask_logit).sum(dim=(1, 2)) >= config.min_mask_pixels
@@ -152,7 +212,8 @@ class BuiltinModel:
         empty = np.zeros((0, self.input_size, self.input_size), dtype=bool)
         answers = [Answer(NO_FINDINGS, empty, np.zeros(0, dtype=np.float32)) for _ in range(len(embeddings))]
         if found:
-            generated = self._generated(embeddings[found], question, temperature, generator, self._answer_start())
+            generated = self._generated(embeddings[found], question, temperature, generator, self._answer_start(),
+                                        None if detail is None else detail[found])
             for i, answer in zip(found, generated):
                 answers[i] = answer
                 if mirrored is not None:  # the first mask is the averaged one that made the slice a finding
@@ -165,9 +226,10 @@ class BuiltinModel:
         return self.network.query_ids() if self.network.config.decision == "decoder" else None
 
     def _generated(self, embeddings: torch.Tensor, question: str, temperature: float,
-                   generator: torch.Generator | None, start: list[int] | None = None) -> list[Answer]:
+                   generator: torch.Generator | None, start: list[int] | None = None,
+                   detail: DetailFeatures | None = None) -> list[Answer]:
         start_time = time.perf_counter()
-        generations = self.network.generate(embeddings, question, temperature, generator, start)
+        generations = self.network.generate(embeddings, question, temperature, generator, start, detail)
         self.timings["language_model"] += time.perf_counter() - start_time
         start_time = time.perf_counter()
         owners = [i for i, g in enumerate(generations) for _ in range(len(g.seg_hidden))]
@@ -178,7 +240,7 @@ class BuiltinModel:
                 logits, iou = torch.cat([g.mask_logits for g in generations]), torch.cat([g.iou for g in generations])
             else:
                 hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
-                logits, iou = self.network.decode_masks(embeddings[owners], hidden)
+                logits, iou = self.network.decode_masks(embeddings[owners], hidden, None if detail is None else detail[owners])
             masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
         self.timings["mask_decoder"] += time.perf_counter() - start_time
         answers, start = [], 0

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from inference.model.detail import DetailBranch, DetailFeatures
 from inference.model.vocabulary import BOS, EOS, SEG, build_tokenizer, decode, encode
 
 
@@ -73,6 +74,8 @@ class GroundedConfig:
     presence: bool = False  # the IoU head is a presence logit (module docstring)
     presence_threshold: float = 0.5  # with ``presence`` and "decoder": the least presence probability of a finding
     mirror: bool = False  # "decoder": the first mask averaged over the slice and its mirror (module docstring)
+    detail_width: int = 0  # channels of the detail branch at full resolution; 0: no branch (inference/model/detail.py)
+    context_slices: int = 0  # neighbours each side that the detail branch sees with a slice (2.5D)
 
     @property
     def mask_logit(self) -> float:
@@ -90,6 +93,11 @@ class GroundedConfig:
             raise ValueError("presence_threshold must be at least 0 and below 1")
         if self.mirror and self.decision != "decoder":
             raise ValueError('mirror averages the decoder\'s answer: it needs decision = "decoder"')
+        if self.detail_width < 0 or (self.detail_width and self.detail_width % 4):
+            raise ValueError(f"detail_width must be 0 (no detail branch) or a positive multiple of 4, not {self.detail_width}")
+        if self.context_slices < 0 or (self.context_slices and not self.detail_width):
+            raise ValueError("context_slices must be at least 0, and neighbours are seen by the detail branch only: "
+                             "set detail_width too")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +133,16 @@ class GroundedSegmenter(nn.Module):
         self.seg_projection = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 256 * config.prompt_tokens))
         if config.region_tokens:
             self.region_projection = nn.Sequential(nn.Linear(2 * 256 + 3, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        if config.detail_width:
+            self.detail = DetailBranch(config.context_slices, config.detail_width)
+
+    def detail_features(self, context: torch.Tensor | None) -> DetailFeatures | None:
+        """(n, 2 * context_slices + 1, 256, 256) slices -> the detail branch's features (None without a branch)."""
+        if not self.config.detail_width:
+            return None
+        if context is None:
+            raise ValueError("this model has a detail branch: pass the slices (with their neighbours) too")
+        return self.detail(context)
 
     def token_id(self, token: str) -> int:
         return self.tokenizer.token_to_id(token)
@@ -182,9 +200,11 @@ class GroundedSegmenter(nn.Module):
 
     @torch.inference_mode()
     def generate(self, embeddings: torch.Tensor, question: str, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, start: list[int] | None = None) -> list[Generation]:
+                 generator: torch.Generator | None = None, start: list[int] | None = None,
+                 detail: DetailFeatures | None = None) -> list[Generation]:
         """Greedy (temperature 0) or sampled answers for a batch, with the [SEG] hidden states; ``start``:
-        token ids every answer begins with (at most one [SEG], as its last token).
+        token ids every answer begins with (at most one [SEG], as its last token); ``detail``: the detail
+        branch's features of the batch (models with one).
 
         As in LISA and UniBiomed, a [SEG] token's state is the last layer's output at the position where the
         generated [SEG] is fed back in, so the loop runs one step past a final [SEG].
@@ -216,7 +236,7 @@ class GroundedSegmenter(nn.Module):
                 for i in rows.tolist():
                     seg_states[i].append(hidden[i])
                 if self.config.region_tokens:
-                    logits, iou = self.decode_masks(embeddings[rows], hidden[rows])
+                    logits, iou = self.decode_masks(embeddings[rows], hidden[rows], None if detail is None else detail[rows])
                     region = torch.zeros(n, self.config.hidden_size, device=hidden.device)
                     region[rows] = self.region_embeddings(embeddings[rows], torch.sigmoid(logits))
                     for row, i in enumerate(rows.tolist()):
@@ -253,17 +273,36 @@ class GroundedSegmenter(nn.Module):
             return logits.argmax(dim=-1)
         return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
 
-    def decode_masks(self, embeddings: torch.Tensor, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_masks(self, embeddings: torch.Tensor, seg_hidden: torch.Tensor,
+                     detail: DetailFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 256, 64, 64) image embeddings and (n, hidden) [SEG] states -> mask logits (n, 256, 256) and
-        predicted IoU (n,). Row i of ``embeddings`` is the slice of [SEG] i."""
+        predicted IoU (n,). Row i of ``embeddings`` (and of ``detail``) is the slice of [SEG] i."""
         n = seg_hidden.shape[0]
         sparse = self.seg_projection(seg_hidden).view(n, self.config.prompt_tokens, 256)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *embeddings.shape[-2:])
-        logits, iou = self.mask_decoder(
-            image_embeddings=embeddings.float(), image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-        )
-        return logits[:, 0], iou[:, 0]
+        if detail is None:
+            logits, iou = self.mask_decoder(
+                image_embeddings=embeddings.float(), image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            )
+            return logits[:, 0], iou[:, 0]
+        return self._decode_with_detail(embeddings.float(), sparse, dense + detail.dense, detail.fine)
+
+    def _decode_with_detail(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                            fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's MaskDecoder.predict_masks for its first (single-mask) output, with the detail branch's fine
+        features added to the upscaled embedding before the hypernetwork's product (SAM-HQ's fusion)."""
+        decoder = self.mask_decoder
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens[None].expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        source = embeddings + dense
+        position = self.prompt_encoder.get_dense_pe().expand(source.shape[0], -1, -1, -1)
+        b, c, h, w = source.shape
+        states, source = decoder.transformer(source, position, tokens)
+        upscaled = decoder.output_upscaling(source.transpose(1, 2).reshape(b, c, h, w)) + fine
+        hyper = decoder.output_hypernetworks_mlps[0](states[:, 1])  # (n, 32): the first mask token's
+        logits = torch.einsum("nc,nchw->nhw", hyper, upscaled)
+        return logits, decoder.iou_prediction_head(states[:, 0])[:, 0]
 
     def mask_scores(self, iou: torch.Tensor) -> torch.Tensor:
         """The score reported with each mask: the presence probability with ``presence``, else SAM's
