@@ -260,3 +260,28 @@ def test_a_2_5d_model_finds_its_lesions_through_the_engine_and_keeps_them_in_its
         assert (a ^ b).sum() <= 0.01 * a.sum()  # the same masks, but for the bf16 rounding of saved weights
     with pytest.raises(ValueError, match="neighbouring"):
         loaded.interpret(images, QUESTION)
+
+
+def test_a_failed_compile_encodes_eagerly_and_is_not_tried_again(monkeypatch):
+    """Where torch.compile's encoder fails (no C++ compiler, say), encoding goes on eagerly with the same
+    embeddings, and the training cache's next call to compile_encoder does not pay for a second failure."""
+    from tests.conftest import tiny_card
+
+    model = BuiltinModel.new(tiny_card())
+    images = np.random.default_rng(0).uniform(0, 1, (1, 256, 256)).astype(np.float32)
+    eager = model.encode(images)
+    compiles = []
+
+    def failing(module):  # type: ignore[no-untyped-def]
+        compiles.append(module)
+
+        def run(x):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing)
+    model.compile_encoder()
+    torch.testing.assert_close(model.encode(images), eager)
+    model.compile_encoder()
+    assert len(compiles) == 1
+    torch.testing.assert_close(model.encode(images), eager)

@@ -66,6 +66,7 @@ class BuiltinModel:
         self.context_slices = network.config.context_slices  # neighbours each side the engine passes (2.5D)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # compile_encoder
+        self._compile_failed = False  # a compile that failed is not tried again (training calls compile per series)
 
     @classmethod
     def new(cls, card: ModelCard, pretrained_sam: bool = True, device: torch.device | None = None,
@@ -106,9 +107,8 @@ class BuiltinModel:
         batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
         if self.bf16:
             batch = batch.to(torch.bfloat16)
-        if self._compiled is not None:
-            embeddings = self._encode_compiled(batch)
-        else:
+        embeddings = self._encode_compiled(batch) if self._compiled is not None else None
+        if embeddings is None:
             embeddings = self.network.encode_images(batch).float().contiguous()
         self.timings["encoder"] += time.perf_counter() - start
         return embeddings
@@ -117,21 +117,23 @@ class BuiltinModel:
         """Encode through ``torch.compile`` from now on, one slice at a time in the default memory format:
         on 2 AMD Zen 3 cores, fp32, 1.3 s/slice against 2.2 eager, after about a minute of compiling, so for
         bulk encoding (the training cache), not for a node's series. The embeddings agree with eager ones to
-        about 1e-5. Where compiling fails (no C++ compiler), encoding goes on eagerly."""
-        if self._compiled is None:
+        about 1e-5. Where compiling fails (no C++ compiler), encoding goes on eagerly, and later calls do not
+        try again."""
+        if self._compiled is None and not self._compile_failed:
             encoder = self.network.image_encoder
             self._compiled = torch.compile(encoder.to(memory_format=torch.contiguous_format))
 
     @torch.inference_mode()
-    def _encode_compiled(self, batch: torch.Tensor) -> torch.Tensor:
+    def _encode_compiled(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """The embeddings from the compiled encoder, or None where it failed (the caller encodes eagerly)."""
         try:
             return torch.cat([self._compiled(image[None, None].expand(-1, 3, -1, -1).contiguous()).float()
                               for image in batch])
         except Exception:  # noqa: BLE001 - torch.compile's failures are many (no compiler, unsupported op)
-            logger.warning("the compiled encoder failed; encoding eagerly", exc_info=True)
-            self._compiled = None
+            logger.warning("the compiled encoder failed; encoding eagerly from now on", exc_info=True)
+            self._compiled, self._compile_failed = None, True
             self.network.image_encoder.to(memory_format=torch.channels_last)
-            return self.network.encode_images(batch).float().contiguous()
+            return None
 
     def detail_input(self, images: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         """What the detail branch sees: (n, 2 * context_slices + 1, size, size), each slice between its

@@ -39,10 +39,6 @@ class DetailFeatures:
     def __len__(self) -> int:
         return self.dense.shape[0]
 
-    def flip(self) -> DetailFeatures:
-        """Mirrored left-right, as the masks of a mirrored slice are."""
-        return DetailFeatures(self.dense.flip(-1), self.fine.flip(-1))
-
 
 def _conv(inputs: int, outputs: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False),
