@@ -26,7 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     items, model, cache = subjects(args)
     metrics = evaluate(items, CachedEncoderModel(model, cache))
-    print(f"model {model.version} (min_lesion_slices {model.min_lesion_slices}), synthetic seed {args.seed}")
+    print(f"model {model.version} (min_lesion_slices {model.min_lesion_slices}, encoder {'bf16' if model.bf16 else 'fp32'}), "
+          f"synthetic seed {args.seed}{', held-out split' if args.held_out else ''}")
     for modality in ("MR", "CT"):
         if modality in metrics:
             print(modality, json.dumps({k: metrics[modality][k] for k in FIGURES}))

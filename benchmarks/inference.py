@@ -44,14 +44,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--checkpoint", help="a checkpoint folder; default: default architecture, fresh heads")
-    parser.add_argument("--precision", choices=("card", "bf16", "fp32"), default="card",
-                        help="the encoder's precision (default: the checkpoint card's; fp32 for fresh heads)")
+    parser.add_argument("--precision", choices=("card", "auto", "bf16", "fp32"), default="card",
+                        help="the encoder's precision (default: the checkpoint card's; fp32 for fresh heads; "
+                             "auto: as the node chooses on this machine)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if args.checkpoint:
-        model = BuiltinModel.load(args.checkpoint, device=device, bf16=None if args.precision == "card" else args.precision == "bf16")
+        model = BuiltinModel.load(args.checkpoint, device=device, precision=args.precision)
     else:
         architecture = dataclasses.replace(GroundedConfig(), max_new_tokens=args.answer_tokens).to_dict()
         card = ModelCard(name="benchmark", version="0", architecture=architecture, modalities=("CT",),

@@ -59,7 +59,7 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
     series, skipped = find_series(folder)
     if skipped:
         logger.info("%d files under %s are not DICOM instances; skipped", skipped, folder)
-    models = ModelCache(device)
+    models = ModelCache(device, config.jobs.encoder_precision)
     resolved: dict[Path, Path] = {}  # a route's model -> its checkpoint folder, looked up once
     summaries = []
     for uid, entry in series.items():

@@ -19,6 +19,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from inference.model.precision import EncoderPrecision
+
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
 
@@ -125,6 +127,7 @@ class JobsSection:
     retry_delay_s: float = 60.0
     poll_s: float = 1.0
     device: str = "auto"
+    encoder_precision: EncoderPrecision = EncoderPrecision.AUTO
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,11 @@ def _parse_jobs(raw: dict[str, Any]) -> JobsSection:
     device = _get(raw, "jobs.device", str, defaults.device)
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise ConfigError("jobs.device", f"{device!r} must be auto, cpu, cuda or cuda:N")
+    precision = _get(raw, "jobs.encoder_precision", str, defaults.encoder_precision.value)
+    try:
+        encoder_precision = EncoderPrecision(precision)
+    except ValueError:
+        raise ConfigError("jobs.encoder_precision", f"{precision!r} must be auto, card, bf16 or fp32") from None
     return JobsSection(
         completion_wait_s=_get(raw, "jobs.completion_wait_s", float, defaults.completion_wait_s, minimum=0.0),
         on_late_arrival=on_late,
@@ -273,6 +281,7 @@ def _parse_jobs(raw: dict[str, Any]) -> JobsSection:
         retry_delay_s=_get(raw, "jobs.retry_delay_s", float, defaults.retry_delay_s, minimum=0.0),
         poll_s=_positive(raw, "jobs.poll_s", float, defaults.poll_s),
         device=device,
+        encoder_precision=encoder_precision,
     )
 
 

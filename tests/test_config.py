@@ -54,6 +54,7 @@ def test_postgresql_url_is_kept_as_given(tmp_path):
         ({"jobs": {"on_late_arrival": "sometimes"}}, "jobs.on_late_arrival"),
         ({"jobs": {"workers": 0}}, "jobs.workers"),
         ({"jobs": {"device": "tpu"}}, "jobs.device"),
+        ({"jobs": {"encoder_precision": "fp16"}}, "jobs.encoder_precision"),
         ({"jobs": {"completion_wait_s": -1}}, "jobs.completion_wait_s"),
         ({"peers": [{"ae_title": "PACS", "completion_wait_s": "soon"}]}, "peers[0].completion_wait_s"),
         ({"routes": [{"name": "ct", "model": "no/such/folder"}]}, "routes[0].model"),

@@ -17,6 +17,7 @@ from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard, sha256_of
 from inference.model.detail import DetailFeatures
 from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
 from inference.model.litemedsam import WeightsError, load_litemedsam
+from inference.model.precision import EncoderPrecision, encoder_bf16
 from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,12 @@ class BuiltinModel:
     """GroundedSegmenter + its card, answering the UniBiomed questions for batches of slices."""
 
     def __init__(self, network: GroundedSegmenter, card: ModelCard, device: torch.device | None = None,
-                 bf16: bool | None = None) -> None:
-        """``bf16``: run the frozen encoder in bf16 weights; None (the default): as the card says the model
-        was trained (``ModelCard.encoder_precision``)."""
+                 precision: EncoderPrecision | str = EncoderPrecision.CARD) -> None:
+        """``precision``: the frozen encoder's (``inference.model.precision``); by default as the card says
+        the model was trained (``ModelCard.encoder_precision``)."""
         self.device = device or pick_device()
         self.network = network.to(self.device).eval()
-        self.bf16 = card.encoder_precision == "bf16" if bf16 is None else bf16
+        self.bf16 = encoder_bf16(card.encoder_precision, precision, self.device)
         # The frozen encoder runs channels-last (oneDNN). On 2 cores with AVX512-BF16: 0.70 s/slice in bf16
         # weights, against 0.86 (bf16 autocast, channels-last), 1.15 (autocast) and 2.4 (fp32); on 2 AMD Zen 3
         # cores (AVX2, no native bf16): 2.2 s in fp32, 12 s in bf16.
@@ -70,13 +71,14 @@ class BuiltinModel:
 
     @classmethod
     def new(cls, card: ModelCard, pretrained_sam: bool = True, device: torch.device | None = None,
-            bf16: bool | None = None) -> BuiltinModel:
+            precision: EncoderPrecision | str = EncoderPrecision.CARD) -> BuiltinModel:
         """A model with LiteMedSAM's pretrained encoder and decoder and freshly initialised heads."""
         config = GroundedConfig(**card.architecture)
-        return cls(GroundedSegmenter(config, load_litemedsam(pretrained_sam)), card, device, bf16)
+        return cls(GroundedSegmenter(config, load_litemedsam(pretrained_sam)), card, device, precision)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | None = None, bf16: bool | None = None) -> BuiltinModel:
+    def load(cls, folder: Path, device: torch.device | None = None,
+             precision: EncoderPrecision | str = EncoderPrecision.CARD) -> BuiltinModel:
         """Load a checkpoint folder; the weights must match the SHA-256 in its card."""
         card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
         if not card_path.is_file() or not weights_path.is_file():
@@ -84,7 +86,7 @@ class BuiltinModel:
         card = ModelCard.from_json(card_path.read_text())
         if card.weights_sha256 and sha256_of(weights_path) != card.weights_sha256:
             raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
-        model = cls.new(card, device=device, bf16=bf16)
+        model = cls.new(card, device=device, precision=precision)
         missing, unexpected = model.network.load_state_dict(load_file(weights_path), strict=False)
         missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES) and k != TIED_OUTPUT]
         if missing or unexpected:

@@ -9,17 +9,19 @@ from pathlib import Path
 
 from inference.model.card import CARD_FILE
 from inference.model.litemedsam import WeightsError
+from inference.model.precision import EncoderPrecision
 from inference.model.protocol import GroundedModel
 
 logger = logging.getLogger(__name__)
 
 
-def load_model(path: Path, device: str = "auto") -> GroundedModel:
-    """The model in ``path``: ``model_card.json`` marks a built-in checkpoint, ``config.json`` a UniBiomed one."""
+def load_model(path: Path, device: str = "auto", precision: EncoderPrecision | str = EncoderPrecision.AUTO) -> GroundedModel:
+    """The model in ``path``: ``model_card.json`` marks a built-in checkpoint, ``config.json`` a UniBiomed one.
+    ``precision``: a built-in model's encoder precision (``inference.model.precision``)."""
     if (path / CARD_FILE).is_file():
         from inference.model.builtin import BuiltinModel, pick_device
 
-        return BuiltinModel.load(path, device=pick_device(device))
+        return BuiltinModel.load(path, device=pick_device(device), precision=precision)
     if (path / "config.json").is_file():
         from inference.model.unibiomed import UniBiomedModel
 
@@ -30,8 +32,9 @@ def load_model(path: Path, device: str = "auto") -> GroundedModel:
 class ModelCache:
     """One loaded model per checkpoint folder, shared by the callers (the node's job threads, `analyze`)."""
 
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", precision: EncoderPrecision | str = EncoderPrecision.AUTO) -> None:
         self._device = device
+        self._precision = precision
         self._models: dict[Path, GroundedModel] = {}
         self._lock = threading.Lock()
 
@@ -40,7 +43,7 @@ class ModelCache:
             if path not in self._models:
                 logger.info("loading model from %s", path)
                 started = time.perf_counter()
-                self._models[path] = load_model(path, self._device)
+                self._models[path] = load_model(path, self._device, self._precision)
                 logger.info("model %s loaded in %.1f s", self._models[path].version, time.perf_counter() - started)
             return self._models[path]
 
