@@ -15,6 +15,7 @@ import dataclasses
 import json
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--answer-tokens", type=int, default=8)
-    parser.add_argument("--checkpoint", help="a checkpoint folder; default: default architecture, fresh heads")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder; default: default architecture, fresh heads")
     parser.add_argument("--precision", choices=("card", "auto", "bf16", "fp32"), default="card",
                         help="the encoder's precision (default: the checkpoint card's; fp32 for fresh heads; "
                              "auto: as the node chooses on this machine)")
