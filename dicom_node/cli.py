@@ -251,7 +251,8 @@ def _config_check(config: NodeConfig, _args: argparse.Namespace) -> int:
         print(f"peer       {peer.ae_title} at {peer.host or 'any host'}:{peer.port} may {allowed}")
     jobs = config.jobs
     print(f"jobs       complete after {jobs.completion_wait_s:g} s quiet; late arrivals: {jobs.on_late_arrival.value}; "
-          f"{jobs.workers} worker(s), {jobs.max_attempts} attempts, device {jobs.device}")
+          f"{jobs.workers} worker(s), {jobs.max_attempts} attempts, device {jobs.device}, "
+          f"encoder precision {jobs.encoder_precision.value}")
     for route in config.routes:
         where = f" from {', '.join(sorted(route.peers))}" if route.peers else ""
         described = f" described {route.series_description!r}" if route.series_description else ""
