@@ -5,6 +5,7 @@ Seed 0 is the training data and the card's held-out split; seed 1 is where the o
 (``benchmarks.operating_point``); seed 2, this benchmark's default, is looked at by nothing else.
 
     python -m benchmarks.fresh_subjects [--model models/default] [--seed 2] [--mr 10] [--ct 10]
+                                        [--precision card|auto|bf16|fp32] [--held-out]
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ FIGURES = ("lesion_sensitivity", "false_positives_per_volume", "mean_dice_detect
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(parser, seed=2)
+    parser.add_argument("--held-out", action="store_true",
+                        help="only the subjects that `train` on these subjects holds out: the card's own split "
+                             "(seed 0 with --mr 40 --ct 40 is the shipped model's), to score it again, for "
+                             "example with another --precision")
     args = parser.parse_args()
-    items, model, cache = subjects(args)
+    items, model, cache = subjects(args, args.held_out)
     metrics = evaluate(items, CachedEncoderModel(model, cache))
     print(f"model {model.version} (min_lesion_slices {model.min_lesion_slices}, encoder {'bf16' if model.bf16 else 'fp32'}), "
           f"synthetic seed {args.seed}{', held-out split' if args.held_out else ''}")

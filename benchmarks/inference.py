@@ -5,7 +5,7 @@ skips) with the model's default architecture. Without a trained checkpoint the h
 and the language model is capped at ``--answer-tokens`` new tokens, the length of a typical answer
 ("It is [SEG]. Liver tumor." is 7 tokens and EOS), so that the language model's share is realistic.
 
-    python -m benchmarks.inference [--slices 24] [--threads 2] [--batch 4] [--checkpoint DIR] [--precision card|bf16|fp32]
+    python -m benchmarks.inference [--slices 24] [--threads 2] [--batch 4] [--checkpoint DIR] [--precision card|auto|bf16|fp32]
 """
 
 from __future__ import annotations

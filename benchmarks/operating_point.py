@@ -4,7 +4,7 @@ tested on.
 
     python -m benchmarks.operating_point [--model models/default] [--seed 1] [--mr 10] [--ct 10] [--max-fp 0.2]
                                          [--thresholds 0.5,0.3] [--pixels 5,10,30] [--slices 1,2,3,4]
-                                         [--presence 0.3,0.5,0.7,0.9]
+                                         [--presence 0.3,0.5,0.7,0.9] [--precision card|auto|bf16|fp32]
 
 Prints every point's sensitivity, false positives per volume, Dice of detected lesions and finding accuracy
 per modality, and the point ``training.operating_point.choose`` takes: the most sensitive within the

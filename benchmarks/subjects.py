@@ -18,18 +18,16 @@ def add_subject_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
     parser.add_argument("--mr", type=int, default=10, help="head MRIs")
     parser.add_argument("--ct", type=int, default=10, help="CT phantoms")
     parser.add_argument("--data", type=Path, default=Path("data/training"), help="synthetic data and encoder cache")
-    parser.add_argument("--held-out", action="store_true",
-                        help="only the subjects that `train` on these subjects holds out (its card's split; "
-                             "seed 0 with --mr 40 --ct 40 is the shipped model's)")
     parser.add_argument("--precision", choices=("card", "auto", "bf16", "fp32"), default="card",
                         help="the encoder's precision: as the card says it was trained (default), as the node's "
                              "\"auto\" picks it on this machine, or another")
 
 
-def subjects(args: argparse.Namespace) -> tuple[list[LabeledSeries], BuiltinModel, EmbeddingCache]:
-    """The subjects (written on first use), the checkpoint and its encoder cache."""
+def subjects(args: argparse.Namespace, held_out: bool = False) -> tuple[list[LabeledSeries], BuiltinModel, EmbeddingCache]:
+    """The subjects (written on first use), the checkpoint and its encoder cache. ``held_out``: only the
+    subjects that `train` on all of them holds out, to score a card's own split again."""
     items = synthetic(args.data / "synthetic", SyntheticSpec(args.mr, args.ct, args.seed))
-    if args.held_out:
+    if held_out:
         items = split_by_subject(items)[1]  # as `train` splits by default (a quarter, training seed 0)
     model = BuiltinModel.load(args.model, precision=args.precision)
     return items, model, EmbeddingCache(args.data / "cache", model)

@@ -19,6 +19,14 @@ def test_shipped_config_loads_with_documented_names():
     assert pacs.may(Permission.DESTINATION)
 
 
+def test_encoder_precision_is_auto_unless_set(tmp_path):
+    from inference.model.precision import EncoderPrecision
+
+    assert parse_config({}, base_dir=tmp_path).jobs.encoder_precision is EncoderPrecision.AUTO
+    card = parse_config({"jobs": {"encoder_precision": "card"}}, base_dir=tmp_path)
+    assert card.jobs.encoder_precision is EncoderPrecision.CARD
+
+
 def test_relative_paths_follow_the_config_file(tmp_path):
     (tmp_path / "config.toml").write_text('[storage]\npath = "store"\ndatabase_url = "sqlite:///db/x.sqlite"\n')
     config = load_config(tmp_path / "config.toml")

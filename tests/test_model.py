@@ -287,25 +287,3 @@ def test_a_failed_compile_encodes_eagerly_and_is_not_tried_again(monkeypatch):
     model.compile_encoder()
     assert len(compiles) == 1
     torch.testing.assert_close(model.encode(images), eager)
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_runs_a_bf16_card_in_fp32_only_where_bf16_is_not_native(tmp_path, monkeypatch, native):
-    """A bf16 model on a CPU without native bf16 (AVX2 only) would run its encoder about 5x slower than in
-    fp32, so the node's "auto" runs it in fp32 there and keeps the card's bf16 elsewhere; "card" always keeps it."""
-    from inference.model.loading import ModelCache
-    from tests.conftest import tiny_card
-
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    BuiltinModel.new(tiny_card(encoder_precision="bf16")).save(tmp_path / "bf16")
-    BuiltinModel.new(tiny_card(encoder_precision="fp32")).save(tmp_path / "fp32")
-
-    auto = ModelCache("cpu", "auto").get(tmp_path / "bf16")
-    assert auto.bf16 is native
-    assert next(auto.network.image_encoder.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
-    assert ModelCache("cpu", "card").get(tmp_path / "bf16").bf16 is True
-    assert ModelCache("cpu", "auto").get(tmp_path / "fp32").bf16 is False  # auto never moves fp32 to bf16
-    assert BuiltinModel.load(tmp_path / "fp32", precision="bf16").bf16 is True
-    with pytest.raises(ValueError, match="fp16"):
-        BuiltinModel.load(tmp_path / "fp32", precision="fp16")

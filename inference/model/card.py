@@ -51,7 +51,7 @@ class ModelCard:
     # The precision the frozen encoder ran in when the model was trained, so also when it answers: bf16 and
     # fp32 embeddings of one slice differ (by up to 0.44 where their mean magnitude is 0.08), and the heads
     # learnt one of them. bf16 is about 3x faster than fp32 on CPUs with native bf16 (AVX512-BF16: 0.7 against 2.4 s a
-    # slice on 2 cores) and 5x slower on those without (AVX2 only, AMD Zen 3: 12 against 2.2 s); fp32 runs alike
+    # slice on 2 cores) and 6x slower on those without (AVX2 only, AMD Zen 3: 13.9 against 2.3 s); fp32 runs alike
     # everywhere. Cards from before: bf16.
     encoder_precision: str = "bf16"
 

@@ -1,0 +1,59 @@
+"""The encoder's precision on this machine: the card's, unless it is bf16 where bf16 is not native."""
+
+import pytest
+import torch
+
+from dicom_node.config import load_config
+from dicom_node.jobs import JobService
+from inference.model.builtin import BuiltinModel
+from inference.model.loading import ModelCache
+from inference.model.precision import encoder_bf16, native_bf16
+
+from tests.conftest import TEST_PEERS, tiny_card
+from tests.localpeers import free_port, write_node_config
+
+
+def _cpu_has_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_runs_a_bf16_card_in_fp32_only_where_bf16_is_not_native(tmp_path, monkeypatch, native):
+    """A bf16 model on a CPU without native bf16 (AVX2 only) would run its encoder about 6x slower than in
+    fp32, so the node's "auto" runs it in fp32 there and keeps the card's bf16 elsewhere; "card" always keeps it."""
+    _cpu_has_bf16(monkeypatch, native)
+    BuiltinModel.new(tiny_card(encoder_precision="bf16")).save(tmp_path / "bf16")
+    BuiltinModel.new(tiny_card(encoder_precision="fp32")).save(tmp_path / "fp32")
+
+    auto = ModelCache("cpu", "auto").get(tmp_path / "bf16")
+    assert auto.bf16 is native
+    assert next(auto.network.image_encoder.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert ModelCache("cpu", "card").get(tmp_path / "bf16").bf16 is True
+    assert ModelCache("cpu", "auto").get(tmp_path / "fp32").bf16 is False  # auto never moves fp32 to bf16
+    assert BuiltinModel.load(tmp_path / "fp32", precision="bf16").bf16 is True
+    with pytest.raises(ValueError, match="encoder precision must be one of auto, card, bf16, fp32, not 'fp16'"):
+        BuiltinModel.load(tmp_path / "fp32", precision="fp16")
+
+
+def test_a_gpu_before_ampere_counts_as_emulating_bf16(monkeypatch):
+    """bf16 is native from compute capability 8.0; the GPU asked about is the configured one (cuda:1)."""
+    capability = {0: (9, 0), 1: (7, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device.index])
+    assert native_bf16(torch.device("cuda:0")) and not native_bf16(torch.device("cuda:1"))
+    assert encoder_bf16("bf16", "auto", torch.device("cuda:0")) is True
+    assert encoder_bf16("bf16", "auto", torch.device("cuda:1")) is False
+    assert encoder_bf16("bf16", "card", torch.device("cuda:1")) is True
+
+
+def test_the_node_loads_models_in_the_configured_precision(tmp_path, monkeypatch):
+    """``[jobs] encoder_precision`` reaches the models the node's jobs load."""
+    _cpu_has_bf16(monkeypatch, False)
+    BuiltinModel.new(tiny_card(encoder_precision="bf16")).save(tmp_path / "bf16")
+    for choice, bf16 in (("auto", False), ("card", True)):
+        extra = f'\n[jobs]\nencoder_precision = "{choice}"\n'
+        config = load_config(write_node_config(tmp_path / choice, free_port(), TEST_PEERS, extra=extra))
+        service = JobService(config)
+        assert service.models.get(tmp_path / "bf16").bf16 is bf16
+        service.engine.dispose()
