@@ -13,7 +13,7 @@ from dicom_node.scp import Node
 from storage.files import TEMP_PREFIX
 from storage.models import Instance
 from tests.conftest import TEST_PEERS
-from tests.localpeers import PEER_ENV, free_port, start_node, write_node_config
+from tests.localpeers import PEER_ENV, free_port, start_node, wait_until_closed, write_node_config
 
 
 def indexed_uids(config) -> dict[str, str]:
@@ -49,6 +49,9 @@ def test_sigkill_during_storescu_loses_no_acknowledged_instance(tmp_path):
     node.process.wait(timeout=10)
     assert killed and sender.returncode != 0
     assert 40 <= len(acknowledged) < len(series)
+    # The workers die with their supervisor: until they have, a probe of the port could reach a dying one
+    # and the restarted node would be taken for listening before it does (seen under load).
+    wait_until_closed(port)
 
     restarted = start_node(config_path, port, tmp_path / "node")
     try:
