@@ -24,6 +24,7 @@ from inference.engine import EngineConfig, interpret_volume
 from inference.model.builtin import BuiltinModel, pick_device
 from inference.model.card import ModelCard
 from inference.model.grounded import GroundedConfig
+from inference.model.precision import EncoderPrecision
 from inference.slicing import SliceRef, Volume
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder; default: default architecture, fresh heads")
-    parser.add_argument("--precision", choices=("card", "auto", "bf16", "fp32"), default="card",
+    parser.add_argument("--precision", choices=[p.value for p in EncoderPrecision], default="card",
                         help="the encoder's precision (default: the checkpoint card's; fp32 for fresh heads; "
                              "auto: as the node chooses on this machine)")
     parser.add_argument("--device", default="auto")

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from inference.model.builtin import BuiltinModel
+from inference.model.precision import EncoderPrecision
 from training.cache import EmbeddingCache
 from training.sources import LabeledSeries, SyntheticSpec, split_by_subject, synthetic
 
@@ -18,7 +19,7 @@ def add_subject_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
     parser.add_argument("--mr", type=int, default=10, help="head MRIs")
     parser.add_argument("--ct", type=int, default=10, help="CT phantoms")
     parser.add_argument("--data", type=Path, default=Path("data/training"), help="synthetic data and encoder cache")
-    parser.add_argument("--precision", choices=("card", "auto", "bf16", "fp32"), default="card",
+    parser.add_argument("--precision", choices=[p.value for p in EncoderPrecision], default="card",
                         help="the encoder's precision: as the card says it was trained (default), as the node's "
                              "\"auto\" picks it on this machine, or another")
 
