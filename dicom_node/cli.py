@@ -252,7 +252,7 @@ def _config_check(config: NodeConfig, _args: argparse.Namespace) -> int:
     jobs = config.jobs
     print(f"jobs       complete after {jobs.completion_wait_s:g} s quiet; late arrivals: {jobs.on_late_arrival.value}; "
           f"{jobs.workers} worker(s), {jobs.max_attempts} attempts, device {jobs.device}, "
-          f"encoder precision {jobs.encoder_precision.value}")
+          f"encoder precision {jobs.encoder_precision.value}{', fp32 CPU encoder compiled' if jobs.compile_encoder else ''}")
     for route in config.routes:
         where = f" from {', '.join(sorted(route.peers))}" if route.peers else ""
         described = f" described {route.series_description!r}" if route.series_description else ""

@@ -128,6 +128,9 @@ class JobsSection:
     poll_s: float = 1.0
     device: str = "auto"
     encoder_precision: EncoderPrecision = EncoderPrecision.AUTO
+    # An fp32 encoder on the CPU through torch.compile, compiled when the model loads (about a minute, and a C++
+    # compiler); off unless the config says so (the shipped config.toml does).
+    compile_encoder: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,7 @@ def _parse_jobs(raw: dict[str, Any]) -> JobsSection:
         poll_s=_positive(raw, "jobs.poll_s", float, defaults.poll_s),
         device=device,
         encoder_precision=encoder_precision,
+        compile_encoder=_flag(raw, "jobs.compile_encoder", defaults.compile_encoder),
     )
 
 
@@ -431,6 +435,13 @@ def _get(raw: dict[str, Any], key: str, kind: type, default: Any, minimum: float
         raise ConfigError(key, f"must be {kind.__name__}, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(key, f"{value} must be at least {minimum}")
+    return value
+
+
+def _flag(raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
     return value
 
 

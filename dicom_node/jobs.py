@@ -73,7 +73,7 @@ class JobService:
         self.reader = make_sessionmaker(make_engine(url))  # looks that need no write lock
         self.files = FileStore(config.storage.path)
         self.receiver = InstanceReceiver(self.files, self.sessions, IndexWriter(make_engine(url, writer=True), self.files))
-        self.models = ModelCache(config.jobs.device, config.jobs.encoder_precision)
+        self.models = ModelCache(config.jobs.device, config.jobs.encoder_precision, config.jobs.compile_encoder)
         self.started_at = now_utc()
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=make_engine(url), tablename="apscheduler_jobs")},

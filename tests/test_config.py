@@ -17,6 +17,8 @@ def test_shipped_config_loads_with_documented_names():
     pacs = config.peer("PACS")
     assert pacs is not None and pacs.host == "127.0.0.1" and pacs.port == 4242
     assert pacs.may(Permission.DESTINATION)
+    assert config.jobs.compile_encoder is True  # a node as shipped compiles an fp32 encoder (off by default)
+    assert parse_config({}, base_dir=REPO).jobs.compile_encoder is False
 
 
 def test_encoder_precision_is_auto_unless_set(tmp_path):
@@ -63,6 +65,7 @@ def test_postgresql_url_is_kept_as_given(tmp_path):
         ({"jobs": {"workers": 0}}, "jobs.workers"),
         ({"jobs": {"device": "tpu"}}, "jobs.device"),
         ({"jobs": {"encoder_precision": "fp16"}}, "jobs.encoder_precision"),
+        ({"jobs": {"compile_encoder": "yes"}}, "jobs.compile_encoder"),
         ({"jobs": {"completion_wait_s": -1}}, "jobs.completion_wait_s"),
         ({"peers": [{"ae_title": "PACS", "completion_wait_s": "soon"}]}, "peers[0].completion_wait_s"),
         ({"routes": [{"name": "ct", "model": "no/such/folder"}]}, "routes[0].model"),

@@ -57,3 +57,30 @@ def test_the_node_loads_models_in_the_configured_precision(tmp_path, monkeypatch
         service = JobService(config)
         assert service.models.get(tmp_path / "bf16").bf16 is bf16
         service.engine.dispose()
+
+
+def test_compile_encoder_compiles_an_fp32_cpu_encoder_while_the_model_loads(tmp_path, monkeypatch):
+    """``[jobs] compile_encoder = true``: an fp32 model's encoder goes through torch.compile and runs once
+    while the node loads it (the first series does not pay the minute of compiling); a bf16 encoder stays
+    eager, and without the key nothing is compiled. torch.compile is stood in for by a recorder that runs the
+    module as it is: what is tested is the wiring, not torch's compiler."""
+    _cpu_has_bf16(monkeypatch, True)
+    calls = []
+
+    def recording(module):  # type: ignore[no-untyped-def]
+        def run(x):  # type: ignore[no-untyped-def]
+            calls.append(tuple(x.shape))
+            return module(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording)
+    BuiltinModel.new(tiny_card(encoder_precision="fp32")).save(tmp_path / "fp32")
+    BuiltinModel.new(tiny_card(encoder_precision="bf16")).save(tmp_path / "bf16")
+    for extra, compiled in (("", False), ("\n[jobs]\ncompile_encoder = true\n", True)):
+        config = load_config(write_node_config(tmp_path / str(compiled), free_port(), TEST_PEERS, extra=extra))
+        service = JobService(config)
+        model = service.models.get(tmp_path / "fp32")
+        assert (model._compiled is not None, len(calls)) == (compiled, int(compiled))  # warmed up at load
+        assert service.models.get(tmp_path / "bf16")._compiled is None
+        service.engine.dispose()
+    assert calls == [(1, 3, 256, 256)]

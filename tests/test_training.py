@@ -166,6 +166,27 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path, context):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_autocast_training_follows_fp32_training_and_keeps_fp32_weights(tmp_path):
+    """bf16 autocast (``TrainConfig.autocast``) changes the arithmetic, not what is learnt: the same steps give
+    losses within bf16's rounding of fp32 training's, the weights stay fp32, and they do differ (it did run)."""
+    from inference.model.builtin import BuiltinModel
+    from tests.conftest import TINY, tiny_card
+    from training.trainer import TrainConfig, Trainer
+
+    architecture = TINY | {"detail_width": 8, "context_slices": 1}
+    runs = {}
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = BuiltinModel.new(tiny_card(architecture=architecture), device=torch.device("cpu"))
+        config = TrainConfig(steps=4, batch_size=2, checkpoint_every=100, warmup_steps=1, autocast=autocast)
+        history = Trainer(model, tiny_training_set(1), config, tmp_path / str(autocast)).train(progress=False)
+        runs[autocast] = ([h["loss"] for h in history], model.network.trainable_state_dict())
+    (fp32_losses, fp32_weights), (mixed_losses, mixed_weights) = runs[False], runs[True]
+    np.testing.assert_allclose(mixed_losses, fp32_losses, rtol=0.05)
+    assert all(v.dtype == torch.float32 for v in mixed_weights.values() if v.is_floating_point())
+    assert any(not torch.equal(a, b) for a, b in zip(fp32_weights.values(), mixed_weights.values()))
+
+
 def test_mirrored_copies_carry_mirrored_masks_and_their_own_encoding(tmp_path):
     """Mirror augmentation: each training slice gains a left-right mirrored copy whose mask is mirrored with
     it and whose embedding the encoder computes from the mirrored slice (the encoder is not mirror-symmetric,

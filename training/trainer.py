@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from inference.model.builtin import BuiltinModel
+from inference.model.precision import native_bf16
 from inference.model.protocol import recognition_question
 from training.dataset import SliceSample
 from training.loss import grounded_loss
@@ -38,6 +39,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     augment: bool = True  # intensity augmentation of the detail branch's input (models with one; augment_intensity)
+    # bf16 autocast of the trainable parts' forward and backward (weights and optimiser stay fp32): on 2 cores
+    # with AVX512-BF16, 2.1 s a step of a detail-branch model against 3.2 in fp32; on a GPU, the usual choice.
+    # Off by default: where bf16 is emulated (AVX2-only CPUs) it is several times slower, not faster.
+    autocast: bool = False
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Trainer:
         self.modalities = sorted({s.modality for s in data.samples})
         self.pools = {(m, p): data.indices(m, p) for m in self.modalities for p in (True, False)}
         self.history: list[dict] = []
+        if config.autocast and not native_bf16(model.device):
+            logger.warning("bf16 autocast on %s, which has no native bf16: training will be several times slower", model.device)
 
     def _factor(self, step: int) -> float:
         if step < self.config.warmup_steps:
@@ -140,12 +147,13 @@ class Trainer:
             question = recognition_question(samples[0].modality)
             masks = [torch.from_numpy(s.masks).float() for s in samples]
             detail = None
-            if self.data.detail_inputs is not None:
-                slices = self.data.detail_inputs[chosen]
-                if self.config.augment:
-                    slices = augment_intensity(slices, self.rng)
-                detail = network.detail_features(torch.from_numpy(slices).float().to(self.model.device))
-            parts = grounded_loss(network, embeddings, question, [s.answer for s in samples], masks, detail)
+            with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.config.autocast):
+                if self.data.detail_inputs is not None:
+                    slices = self.data.detail_inputs[chosen]
+                    if self.config.augment:
+                        slices = augment_intensity(slices, self.rng)
+                    detail = network.detail_features(torch.from_numpy(slices).float().to(self.model.device))
+                parts = grounded_loss(network, embeddings, question, [s.answer for s in samples], masks, detail)
             self.optimizer.zero_grad()
             parts.total.backward()
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)

@@ -125,6 +125,20 @@ class BuiltinModel:
             encoder = self.network.image_encoder
             self._compiled = torch.compile(encoder.to(memory_format=torch.contiguous_format))
 
+    def prepare_compiled_encoder(self) -> bool:
+        """For a node: compile an fp32 encoder on the CPU and run it once, so that the compile (about a minute)
+        is paid while the model loads, not by the first series. On 2 cores with AVX512-BF16: 0.83 s a slice
+        against 2.1 eager. bf16 encoders (0.7-1.0 s eager, channels-last) and GPUs stay eager. Whether the
+        compiled encoder is in use."""
+        if self.bf16 or self.device.type != "cpu":
+            return False
+        self.compile_encoder()
+        self.encode(np.zeros((1, self.input_size, self.input_size), np.float32))
+        self.timings.clear()
+        in_use = self._compiled is not None
+        logger.info("encoder %s", "compiled (fp32, CPU)" if in_use else "eager: compiling failed")
+        return in_use
+
     @torch.inference_mode()
     def _encode_compiled(self, batch: torch.Tensor) -> torch.Tensor | None:
         """The embeddings from the compiled encoder, or None where it failed (the caller encodes eagerly)."""

@@ -15,13 +15,18 @@ from inference.model.protocol import GroundedModel
 logger = logging.getLogger(__name__)
 
 
-def load_model(path: Path, device: str = "auto", precision: EncoderPrecision | str = EncoderPrecision.AUTO) -> GroundedModel:
+def load_model(path: Path, device: str = "auto", precision: EncoderPrecision | str = EncoderPrecision.AUTO,
+               compile_encoder: bool = False) -> GroundedModel:
     """The model in ``path``: ``model_card.json`` marks a built-in checkpoint, ``config.json`` a UniBiomed one.
-    ``precision``: a built-in model's encoder precision (``inference.model.precision``)."""
+    ``precision``: a built-in model's encoder precision (``inference.model.precision``); ``compile_encoder``:
+    compile a built-in model's fp32 CPU encoder now (``BuiltinModel.prepare_compiled_encoder``)."""
     if (path / CARD_FILE).is_file():
         from inference.model.builtin import BuiltinModel, pick_device
 
-        return BuiltinModel.load(path, device=pick_device(device), precision=precision)
+        model = BuiltinModel.load(path, device=pick_device(device), precision=precision)
+        if compile_encoder:
+            model.prepare_compiled_encoder()
+        return model
     if (path / "config.json").is_file():
         from inference.model.unibiomed import UniBiomedModel
 
@@ -32,9 +37,11 @@ def load_model(path: Path, device: str = "auto", precision: EncoderPrecision | s
 class ModelCache:
     """One loaded model per checkpoint folder, shared by the callers (the node's job threads, `analyze`)."""
 
-    def __init__(self, device: str = "auto", precision: EncoderPrecision | str = EncoderPrecision.AUTO) -> None:
+    def __init__(self, device: str = "auto", precision: EncoderPrecision | str = EncoderPrecision.AUTO,
+                 compile_encoder: bool = False) -> None:
         self._device = device
         self._precision = precision
+        self._compile = compile_encoder
         self._models: dict[Path, GroundedModel] = {}
         self._lock = threading.Lock()
 
@@ -43,7 +50,7 @@ class ModelCache:
             if path not in self._models:
                 logger.info("loading model from %s", path)
                 started = time.perf_counter()
-                self._models[path] = load_model(path, self._device, self._precision)
+                self._models[path] = load_model(path, self._device, self._precision, self._compile)
                 logger.info("model %s loaded in %.1f s", self._models[path].version, time.perf_counter() - started)
             return self._models[path]
 
