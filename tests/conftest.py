@@ -96,6 +96,7 @@ def _question() -> str:
 
 
 QUESTION = _question()
+TOY_ANSWERS = ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]  # the toy's two slices
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +124,7 @@ def trained_detail():
                            "context_slices": 1}
     volume = _images()
     stacks = np.stack([volume[context_indices(k, 2, 1)] for k in (0, 1)])
-    # 200 steps: at 100 this toy converged on AVX512 CPUs but not on AMD Zen 3 (the lung nodule still
-    # labelled "Kidney tumor", Dice loss 0.40); at 200 its loss is 0.002 there.
-    return (*_teach(tiny_card(architecture=architecture), stacks, steps=200), stacks)
+    return (*_teach(tiny_card(architecture=architecture), stacks), stacks)
 
 
 def _images():  # type: ignore[no-untyped-def]
@@ -138,8 +137,17 @@ def _images():  # type: ignore[no-untyped-def]
     return images
 
 
-def _teach(card, stacks=None, steps=100):  # type: ignore[no-untyped-def]
-    """``stacks``: the detail branch's input for the two slices, for a model with one."""
+# The toy has learnt its two slices when every loss term is this small: the answers' tokens are then each
+# far more likely than any other, and each [SEG] query's mask is its lesion's.
+CONVERGED = {"text": 0.05, "bce": 0.01, "dice": 0.05, "clear_bce": 0.01, "presence": 0.05}
+
+
+def _teach(card, stacks=None, steps=100, max_steps=1000):  # type: ignore[no-untyped-def]
+    """Teach the toy at least ``steps`` steps, and on until it has learnt (``CONVERGED``). How long that takes
+    depends on the CPU's arithmetic: the two [SEG] queries stay on one mask (Dice loss about 0.4) for a while
+    before they separate, and that plateau ended before step 100 on one CPU, after 100 on AMD Zen 3 and after
+    200 on another. A fixed step count made the tests pass or fail by machine; a toy that never learns fails
+    here, naming its losses. ``stacks``: the detail branch's input for the two slices, for a model with one."""
     import numpy as np
     import torch
 
@@ -152,7 +160,6 @@ def _teach(card, stacks=None, steps=100):  # type: ignore[no-untyped-def]
     targets = [torch.zeros(2, 256, 256), torch.zeros(0, 256, 256)]
     targets[0][0, 30:70, 30:70] = 1
     targets[0][1, 180:220, 160:230] = 1
-    answers = ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
     embeddings = model.encode(images)
     network = model.network
     optimizer = torch.optim.AdamW([
@@ -161,12 +168,16 @@ def _teach(card, stacks=None, steps=100):  # type: ignore[no-untyped-def]
     ])
     network.train()
     slices = None if stacks is None else torch.from_numpy(model.detail_input(images, stacks))
-    for _ in range(steps):
+    for step in range(1, max_steps + 1):
         detail = network.detail_features(slices) if slices is not None else None
-        parts = grounded_loss(network, embeddings, QUESTION, answers, targets, detail)
+        parts = grounded_loss(network, embeddings, QUESTION, TOY_ANSWERS, targets, detail)
         optimizer.zero_grad()
         parts.total.backward()
         optimizer.step()
+        if step >= steps and all(getattr(parts, name) < bound for name, bound in CONVERGED.items()):
+            break
+    else:
+        pytest.fail(f"the toy model did not learn its two slices in {max_steps} steps: {parts}")
     network.eval()
     return model, images, embeddings, [t.bool().numpy() for t in targets], parts
 

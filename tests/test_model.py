@@ -13,7 +13,7 @@ from inference.model.litemedsam import LITEMEDSAM_SHA256, WeightsError, litemeds
 from inference.model.protocol import normalize_finding, parse_findings, recognition_question, segmentation_question
 from inference.model.vocabulary import build_tokenizer, decode, encode
 
-from tests.conftest import QUESTION
+from tests.conftest import QUESTION, TOY_ANSWERS
 
 
 def test_questions_follow_unibiomed():
@@ -46,8 +46,18 @@ def test_litemedsam_weights_are_verified(tmp_path):
 
 
 def test_loss_has_the_three_terms_and_falls(trained):
-    *_, parts = trained
-    assert parts.text < 0.5 and parts.bce < 0.1 and parts.dice < 0.2
+    """L = L_text + 2·BCE + 0.5·Dice (plus 2·BCE of the clear slice's empty mask), each term large for an
+    untrained model and each far smaller once the toy has learnt."""
+    from training.loss import grounded_loss
+
+    model, _, embeddings, targets, learnt = trained
+    torch.manual_seed(1)
+    fresh = BuiltinModel.new(model.card)
+    with torch.no_grad():
+        before = grounded_loss(fresh.network, embeddings, QUESTION, TOY_ANSWERS, [torch.from_numpy(t).float() for t in targets])
+    assert float(before.total) == pytest.approx(before.text + 2 * before.bce + 0.5 * before.dice + 2 * before.clear_bce, rel=1e-5)
+    assert before.text > 1 and before.bce > 0.1 and before.dice > 0.5
+    assert learnt.text < before.text / 20 and learnt.bce < before.bce / 20 and learnt.dice < before.dice / 20
 
 
 def test_the_mask_decoder_decides_when_the_card_says_so(trained, tmp_path):
