@@ -6,6 +6,10 @@ and the language model is capped at ``--answer-tokens`` new tokens, the length o
 ("It is [SEG]. Liver tumor." is 7 tokens and EOS), so that the language model's share is realistic.
 
     python -m benchmarks.inference [--slices 24] [--threads 2] [--batch 4] [--checkpoint DIR] [--precision card|auto|bf16|fp32]
+                                   [--compile]
+
+``--compile``: as a node with ``[jobs] compile_encoder = true`` (an fp32 encoder on the CPU compiled while
+the model loads); the compile's seconds are reported beside the figures.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def main() -> None:
                         help="the encoder's precision (default: the checkpoint card's; fp32 for fresh heads; "
                              "auto: as the node chooses on this machine)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile an fp32 CPU encoder first, as [jobs] compile_encoder = true does")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -60,6 +66,11 @@ def main() -> None:
         card = ModelCard(name="benchmark", version="0", architecture=architecture, modalities=("CT",),
                          encoder_precision="bf16" if args.precision == "bf16" else "fp32")
         model = BuiltinModel.new(card, device=device)
+    compiled, compile_seconds = False, None
+    if args.compile:
+        started = time.perf_counter()
+        compiled = model.prepare_compiled_encoder()
+        compile_seconds = round(time.perf_counter() - started, 1)
     volume = synthetic_ct(args.slices)
     interpret_volume(synthetic_ct(args.batch + 4), model, EngineConfig(batch_size=args.batch))  # warm-up
     model.timings.clear()
@@ -78,6 +89,7 @@ def main() -> None:
     seconds_per_mask = (time.perf_counter() - decoder_start) / 20
     figures = {
         "device": str(device), "threads": args.threads, "bf16": model.bf16, "batch": args.batch,
+        "compiled_encoder": compiled, "compile_seconds": compile_seconds,
         "slices": args.slices, "interpreted": result.slices_interpreted, "skipped": result.slices_skipped,
         "seconds_total": round(total, 2), "seconds_by_stage": stages,
         "interpreted_slices_per_second": round(result.slices_interpreted / total, 3),
