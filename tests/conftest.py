@@ -101,7 +101,7 @@ TOY_ANSWERS = ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findi
 
 @pytest.fixture(scope="session")
 def trained():
-    """A tiny model taught two slices: one with two findings, one with none (about 40 s on 2 CPU cores)."""
+    """A tiny model taught two slices: one with two findings, one with none (``_teach``)."""
     return _teach(tiny_card())
 
 
@@ -137,8 +137,8 @@ def _images():  # type: ignore[no-untyped-def]
     return images
 
 
-# The toy has learnt its two slices when every loss term is this small: the answers' tokens are then each
-# far more likely than any other, and each [SEG] query's mask is its lesion's.
+# The toy has learnt its two slices when every loss term is this small: a mean cross-entropy of 0.05 over
+# the answers' tokens, a Dice loss of 0.05 over the two masks (the tests then check the answers themselves).
 CONVERGED = {"text": 0.05, "bce": 0.01, "dice": 0.05, "clear_bce": 0.01, "presence": 0.05}
 
 

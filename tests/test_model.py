@@ -46,13 +46,14 @@ def test_litemedsam_weights_are_verified(tmp_path):
 
 
 def test_loss_has_the_three_terms_and_falls(trained):
-    """L = L_text + 2·BCE + 0.5·Dice (plus 2·BCE of the clear slice's empty mask), each term large for an
-    untrained model and each far smaller once the toy has learnt."""
+    """L = L_text + 2·BCE + 0.5·Dice (plus 2·BCE of the clear slice's empty mask): the terms weighted as the
+    paper weights them, each large for an untrained model and each far smaller once the toy has learnt."""
     from training.loss import grounded_loss
 
     model, _, embeddings, targets, learnt = trained
-    torch.manual_seed(1)
-    fresh = BuiltinModel.new(model.card)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        fresh = BuiltinModel.new(model.card)
     with torch.no_grad():
         before = grounded_loss(fresh.network, embeddings, QUESTION, TOY_ANSWERS, [torch.from_numpy(t).float() for t in targets])
     assert float(before.total) == pytest.approx(before.text + 2 * before.bce + 0.5 * before.dice + 2 * before.clear_bce, rel=1e-5)

@@ -1,5 +1,10 @@
 """The encoder's precision on this machine: the card's, unless it is bf16 where bf16 is not native."""
 
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
@@ -76,7 +81,7 @@ def test_compile_encoder_compiles_an_fp32_cpu_encoder_while_the_model_loads(tmp_
     monkeypatch.setattr(torch, "compile", recording)
     BuiltinModel.new(tiny_card(encoder_precision="fp32")).save(tmp_path / "fp32")
     BuiltinModel.new(tiny_card(encoder_precision="bf16")).save(tmp_path / "bf16")
-    for extra, compiled in (("", False), ("\n[jobs]\ncompile_encoder = true\n", True)):
+    for extra, compiled in (("\n[jobs]\ndevice = \"cpu\"\n", False), ("\n[jobs]\ndevice = \"cpu\"\ncompile_encoder = true\n", True)):
         config = load_config(write_node_config(tmp_path / str(compiled), free_port(), TEST_PEERS, extra=extra))
         service = JobService(config)
         model = service.models.get(tmp_path / "fp32")
@@ -84,3 +89,62 @@ def test_compile_encoder_compiles_an_fp32_cpu_encoder_while_the_model_loads(tmp_
         assert service.models.get(tmp_path / "bf16")._compiled is None
         service.engine.dispose()
     assert calls == [(1, 3, 256, 256)]
+
+
+def test_job_threads_take_turns_with_the_compiled_encoder(monkeypatch):
+    """torch.compile's Dynamo is not thread-safe and a node's job threads share one model: two series
+    encoded at once go through the compiled encoder one after the other (a stand-in for the compiled
+    module records how many threads are inside it)."""
+    inside, most = [], []
+
+    def compiled(module):  # type: ignore[no-untyped-def]
+        def run(x):  # type: ignore[no-untyped-def]
+            inside.append(1)
+            most.append(len(inside))
+            time.sleep(0.2)
+            inside.pop()
+            return torch.zeros(1, 256, 64, 64)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiled)
+    model = BuiltinModel.new(tiny_card(encoder_precision="fp32"), device=torch.device("cpu"))
+    model.compile_encoder()
+    threads = [threading.Thread(target=model.encode, args=(np.zeros((2, 256, 256), np.float32),)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(most) == 6 and max(most) == 1
+
+
+def test_a_slow_model_load_holds_up_only_the_callers_of_that_model(monkeypatch, tmp_path):
+    """Loading a model can take a minute (compiling its encoder): the jobs that need it wait for that one
+    load, while a job whose route uses another model gets it at once."""
+    from inference.model import loading
+
+    started, release, loads = threading.Event(), threading.Event(), []
+
+    def load(path, *args):  # type: ignore[no-untyped-def]
+        loads.append(path.name)
+        if path.name == "slow":
+            started.set()
+            assert release.wait(10)
+        return SimpleNamespace(version=path.name)
+
+    monkeypatch.setattr(loading, "load_model", load)
+    cache, got = ModelCache("cpu"), {}
+    waiting = [threading.Thread(target=lambda k=k: got.setdefault(k, cache.get(tmp_path / "slow"))) for k in range(2)]
+    for thread in waiting:
+        thread.start()
+    try:
+        assert started.wait(10)
+        other = threading.Thread(target=lambda: got.setdefault("other", cache.get(tmp_path / "fast")))
+        other.start()
+        other.join(5)
+        assert got.get("other") is not None and got["other"].version == "fast"  # not held up by the slow load
+        assert 0 not in got and 1 not in got
+    finally:
+        release.set()
+        for thread in waiting:
+            thread.join(10)
+    assert got[0] is got[1] and sorted(loads) == ["fast", "slow"]  # the slow model was loaded once

@@ -109,6 +109,7 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
     if not seg_positions.any():
         return LossParts(total, float(text.detach()), 0.0, 0.0, float(clear_bce.detach()), float(presence.detach()))
     target = torch.cat([m for m in masks if len(m)]).float().to(predicted.device)
+    predicted = predicted.float()  # under bf16 autocast: the Dice sums 65,536 probabilities, in fp32
     bce = F.binary_cross_entropy_with_logits(predicted, target)
     probabilities = torch.sigmoid(predicted)
     dice = 1 - (2 * (probabilities * target).sum((1, 2)) + 1) / (probabilities.sum((1, 2)) + target.sum((1, 2)) + 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -68,6 +69,9 @@ class BuiltinModel:
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # compile_encoder
         self._compile_failed = False  # a compile that failed is not tried again (training calls compile per series)
+        # torch.compile's Dynamo is not thread-safe, and a node's job threads share this model: one at a time
+        # compiles, runs the compiled encoder or falls back from it.
+        self._compile_lock = threading.Lock()
 
     @classmethod
     def new(cls, card: ModelCard, pretrained_sam: bool = True, device: torch.device | None = None,
@@ -117,13 +121,14 @@ class BuiltinModel:
 
     def compile_encoder(self) -> None:
         """Encode through ``torch.compile`` from now on, one slice at a time in the default memory format:
-        on 2 AMD Zen 3 cores, fp32, 1.3 s/slice against 2.2 eager, after about a minute of compiling, so for
-        bulk encoding (the training cache), not for a node's series. The embeddings agree with eager ones to
-        about 1e-5. Where compiling fails (no C++ compiler), encoding goes on eagerly, and later calls do not
-        try again."""
-        if self._compiled is None and not self._compile_failed:
-            encoder = self.network.image_encoder
-            self._compiled = torch.compile(encoder.to(memory_format=torch.contiguous_format))
+        on 2 AMD Zen 3 cores, fp32, 1.3 s/slice against 2.2 eager, after about a minute of compiling; for bulk
+        encoding (the training cache) and, through ``prepare_compiled_encoder``, a node's fp32 encoder. The
+        embeddings agree with eager ones to about 1e-5. Where compiling fails (no C++ compiler), encoding goes
+        on eagerly, and later calls do not try again."""
+        with self._compile_lock:
+            if self._compiled is None and not self._compile_failed:
+                encoder = self.network.image_encoder
+                self._compiled = torch.compile(encoder.to(memory_format=torch.contiguous_format))
 
     def prepare_compiled_encoder(self) -> bool:
         """For a node: compile an fp32 encoder on the CPU and run it once, so that the compile (about a minute)
@@ -134,22 +139,26 @@ class BuiltinModel:
             return False
         self.compile_encoder()
         self.encode(np.zeros((1, self.input_size, self.input_size), np.float32))
-        self.timings.clear()
+        self.timings.clear()  # the compile is the load's, not the first series' encoding
         in_use = self._compiled is not None
         logger.info("encoder %s", "compiled (fp32, CPU)" if in_use else "eager: compiling failed")
         return in_use
 
     @torch.inference_mode()
     def _encode_compiled(self, batch: torch.Tensor) -> torch.Tensor | None:
-        """The embeddings from the compiled encoder, or None where it failed (the caller encodes eagerly)."""
-        try:
-            return torch.cat([self._compiled(image[None, None].expand(-1, 3, -1, -1).contiguous()).float()
-                              for image in batch])
-        except Exception:  # noqa: BLE001 - torch.compile's failures are many (no compiler, unsupported op)
-            logger.warning("the compiled encoder failed; encoding eagerly from now on", exc_info=True)
-            self._compiled, self._compile_failed = None, True
-            self.network.image_encoder.to(memory_format=torch.channels_last)
-            return None
+        """The embeddings from the compiled encoder, or None where it failed or another thread's failure
+        has just removed it (the caller encodes eagerly)."""
+        with self._compile_lock:
+            if self._compiled is None:
+                return None
+            try:
+                return torch.cat([self._compiled(image[None, None].expand(-1, 3, -1, -1).contiguous()).float()
+                                  for image in batch])
+            except Exception:  # noqa: BLE001 - torch.compile's failures are many (no compiler, unsupported op)
+                logger.warning("the compiled encoder failed; encoding eagerly from now on", exc_info=True)
+                self._compiled, self._compile_failed = None, True
+                self.network.image_encoder.to(memory_format=torch.channels_last)
+                return None
 
     def detail_input(self, images: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         """What the detail branch sees: (n, 2 * context_slices + 1, size, size), each slice between its

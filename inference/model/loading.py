@@ -43,16 +43,25 @@ class ModelCache:
         self._precision = precision
         self._compile = compile_encoder
         self._models: dict[Path, GroundedModel] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two dicts
+        self._loading: dict[Path, threading.Lock] = {}  # one per folder: a load (a compile: a minute) blocks only its own callers
 
     def get(self, path: Path) -> GroundedModel:
         with self._lock:
-            if path not in self._models:
-                logger.info("loading model from %s", path)
-                started = time.perf_counter()
-                self._models[path] = load_model(path, self._device, self._precision, self._compile)
-                logger.info("model %s loaded in %.1f s", self._models[path].version, time.perf_counter() - started)
-            return self._models[path]
+            if path in self._models:
+                return self._models[path]
+            loading = self._loading.setdefault(path, threading.Lock())
+        with loading:
+            with self._lock:
+                if path in self._models:  # loaded by the caller this one waited for
+                    return self._models[path]
+            logger.info("loading model from %s", path)
+            started = time.perf_counter()
+            model = load_model(path, self._device, self._precision, self._compile)
+            logger.info("model %s loaded in %.1f s", model.version, time.perf_counter() - started)
+            with self._lock:
+                self._models[path] = model
+            return model
 
 
 def model_name(model: GroundedModel) -> str:
