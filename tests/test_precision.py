@@ -92,7 +92,7 @@ def test_compile_encoder_compiles_an_fp32_cpu_encoder_while_the_model_loads(tmp_
 
 
 def test_job_threads_take_turns_with_the_compiled_encoder(monkeypatch):
-    """torch.compile's Dynamo is not thread-safe and a node's job threads share one model: two series
+    """torch.compile's Dynamo is not thread-safe and a node's job threads share one model: three series
     encoded at once go through the compiled encoder one after the other (a stand-in for the compiled
     module records how many threads are inside it)."""
     inside, most = [], []

@@ -133,8 +133,8 @@ class BuiltinModel:
     def prepare_compiled_encoder(self) -> bool:
         """For a node: compile an fp32 encoder on the CPU and run it once, so that the compile (about a minute)
         is paid while the model loads, not by the first series. On 2 cores with AVX512-BF16: 0.77-0.83 s a
-        slice against 1.4-2.1 eager. bf16 encoders (0.7-1.0 s eager, channels-last) and GPUs stay eager. Whether the
-        compiled encoder is in use."""
+        slice against 1.4-2.1 eager. bf16 encoders (0.7-1.0 s eager, channels-last) and GPUs stay eager.
+        Whether the compiled encoder is in use."""
         if self.bf16 or self.device.type != "cpu":
             return False
         self.compile_encoder()
