@@ -32,6 +32,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
                             "modalities or per modality, e.g. CT=2,MR=3 (default 2)")
+    train.add_argument("--min-mask-pixels", type=int, metavar="PIXELS",
+                       help="the model's operating point: the smallest first mask, in model-grid pixels, that makes a "
+                            "slice's answer a finding (GroundedConfig.min_mask_pixels); default: the trainer's, 5")
     train.add_argument("--presence", type=presence_argument, nargs="?", const=0.5, metavar="THRESHOLD",
                        help="train the decoder's presence head and gate findings on it (GroundedConfig.presence; "
                             "threshold default 0.5); off by default, as in the shipped model")
@@ -72,7 +75,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     from training.trainer import TrainConfig
 
     try:
-        architecture = training_architecture(args.presence, args.mirror, args.detail, args.context)
+        architecture = training_architecture(args.presence, args.mirror, args.detail, args.context, args.min_mask_pixels)
     except TrainingArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -147,10 +150,10 @@ def presence_argument(text: str) -> float:
 
 
 def training_architecture(presence: float | None, mirror: bool = False, detail: int | None = None,
-                          context: int | None = None) -> dict:
+                          context: int | None = None, min_mask_pixels: int | None = None) -> dict:
     """The trainer's default architecture, with the presence head on at ``presence`` where given, mirror
-    averaging where asked for, and the detail branch's width and context where given (checked by
-    GroundedConfig: a clear error, not a model that cannot be built)."""
+    averaging where asked for, the detail branch's width and context and the smallest finding mask where
+    given (checked by GroundedConfig: a clear error, not a model that cannot be built)."""
     from inference.model.grounded import GroundedConfig
     from training.run import DEFAULT_ARCHITECTURE
 
@@ -165,6 +168,8 @@ def training_architecture(presence: float | None, mirror: bool = False, detail: 
             architecture["context_slices"] = 0
     if context is not None:
         architecture["context_slices"] = context
+    if min_mask_pixels is not None:
+        architecture["min_mask_pixels"] = min_mask_pixels
     try:
         GroundedConfig(**architecture)
     except ValueError as exc:

@@ -31,6 +31,7 @@ class Segment:
     label: str
     property_type: str  # the code meaning of SegmentedPropertyTypeCodeSequence, e.g. "Liver"
     mask: np.ndarray
+    tracking_uid: str = ""  # TrackingUID: set where the segment is one tracked finding (one lesion), as TID 1500 uses it
 
 
 def read_segmentation(source: Path | Dataset, volume: Volume) -> list[Segment]:
@@ -58,7 +59,8 @@ def read_segmentation(source: Path | Dataset, volume: Volume) -> list[Segment]:
             k = _slice_by_position(per_frame, shared, volume)
         masks[number][k] |= frames[index]
     return [
-        Segment(number, str(item.get("SegmentLabel", f"Segment {number}")), _type_meaning(item), masks[number])
+        Segment(number, str(item.get("SegmentLabel", f"Segment {number}")), _type_meaning(item), masks[number],
+                str(item.get("TrackingUID", "")))
         for number, item in sorted(segments.items())
     ]
 

@@ -71,13 +71,16 @@ def test_the_operating_point_is_given_for_all_modalities_or_per_modality(text, v
 
 
 def test_presence_is_off_unless_asked_for_and_a_threshold_must_be_a_probability(capsys):
-    from dicom_node.train_command import presence_argument, training_architecture
+    from dicom_node.train_command import TrainingArgumentError, presence_argument, training_architecture
     from inference.model.grounded import GroundedConfig
 
     assert GroundedConfig(**training_architecture(None)).presence is False
     on = GroundedConfig(**training_architecture(presence_argument("0.3")))
     assert on.presence and on.presence_threshold == 0.3 and not on.mirror
     assert GroundedConfig(**training_architecture(None, mirror=True)).mirror
+    assert GroundedConfig(**training_architecture(None, min_mask_pixels=30)).min_mask_pixels == 30  # the shipped card's
+    with pytest.raises(TrainingArgumentError, match="min_mask_pixels must be at least 1"):
+        training_architecture(None, min_mask_pixels=0)
     for bad in ("1", "-0.1", "high"):
         with pytest.raises(SystemExit) as stopped:
             main(["train", "--presence", bad, "--help"])

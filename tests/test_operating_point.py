@@ -5,6 +5,7 @@ import numpy as np
 from inference.findings import SliceFinding
 from inference.reliability import Reliability
 from inference.slicing import SliceRef, Volume
+from training.evaluate import GroundTruth
 from training.operating_point import SeriesPass, choose, score_point
 
 
@@ -26,7 +27,7 @@ def _pass() -> SeriesPass:
     spot[50:54, 50:54] = True
     findings.append(SliceFinding(9, "Liver tumor", spot, 0.5, Reliability.HIGH))
     first[9], presence[9] = 8, 0.4
-    return SeriesPass("CT", volume, {"Liver tumor": truth}, [], findings, first, 0.5, presence)
+    return SeriesPass("CT", volume, GroundTruth({"Liver tumor": truth}, [truth], []), findings, first, 0.5, presence)
 
 
 def test_each_point_filters_the_loose_pass_as_the_node_would():

@@ -62,6 +62,11 @@ def test_ct_phantoms_have_hounsfield_units_and_lesions_inside_their_organs(regio
     for mask in study.masks.values():
         assert 0 < mask.sum() < 0.02 * mask.size
         assert -100 < np.median(hu[mask]) < 250  # soft tissue, not air or bone
+    # one mask per lesion, none shared, together the label's mask: the evaluation counts lesions, not blobs
+    assert len(study.lesions) == 2
+    for name, union in study.masks.items():
+        parts = [mask for l, mask in study.lesions if l == name]
+        assert sum(int(m.sum()) for m in parts) == int(union.sum()) and np.array_equal(np.any(parts, axis=0), union)
 
 
 def test_a_synthetic_study_round_trips_as_dicom_through_the_inference_pipeline(tmp_path):
@@ -285,6 +290,39 @@ def test_evaluation_scores_a_perfect_and_a_blind_model_through_the_engine(tmp_pa
     strict = evaluate([item], OracleModel(min_lesion_slices=2))["CT"]
     assert strict["lesion_sensitivity"] == 0.5 and strict["false_positives_per_volume"] == 0.0
     assert strict["finding_accuracy"] == pytest.approx(7 / 8) and strict["answer_finding_accuracy"] == 1.0
+
+
+def test_a_tracked_lesion_in_parts_is_one_lesion_and_trains_as_one_finding(tmp_path):
+    from training.dataset import series_samples
+    from training.evaluate import evaluate
+
+    voxels = np.full((8, 64, 64), 40.0, np.float32)
+    tumour, satellite = np.zeros(voxels.shape, bool), np.zeros(voxels.shape, bool)
+    tumour[2:5, 20:40, 22:40] = True
+    satellite[4:6, 50:56, 50:56] = True  # apart from the tumour, fainter: the oracle does not see it
+    voxels[tumour], voxels[satellite] = 400.0, 200.0
+    other = np.zeros(voxels.shape, bool)
+    other[3, 5:12, 5:12] = True  # a second tumour of the same label, on a slice the first one covers
+    voxels[other] = 400.0
+    paths = write_series(tmp_path / "ct", voxels, SeriesHeader("S1", "CT"), 1.0, 5.0)
+    tracked = write_ground_truth(tmp_path / "tracked.dcm", paths, [("Liver tumor", tumour | satellite), ("Liver tumor", other)])
+    assert dciodvfy_errors(tracked) == []
+    segments = read_segmentation(tracked, load_series(paths))
+    assert [s.label for s in segments] == ["Liver tumor"] * 2 and len({s.tracking_uid for s in segments}) == 2
+    assert dcmread(tracked).SegmentSequence[0].TrackingID == "Liver tumor 1"
+
+    by_lesion = evaluate([LabeledSeries("S1", "CT", paths, tracked, ("Liver tumor",))], OracleModel())["CT"]
+    assert by_lesion["true_lesions"] == 2 and by_lesion["lesion_sensitivity"] == 1.0  # the tumour was found
+    assert by_lesion["true_lesion_parts"] == 3 and by_lesion["lesion_part_sensitivity"] == 0.6667
+    assert by_lesion["mean_dice_detected_lesions"] < 1.0  # its satellite, missed, costs Dice
+    untracked = write_ground_truth(tmp_path / "untracked.dcm", paths, {"Liver tumor": tumour | satellite | other})
+    by_component = evaluate([LabeledSeries("S1", "CT", paths, untracked, ("Liver tumor",))], OracleModel())["CT"]
+    assert by_component["true_lesions"] == 3 and by_component["lesion_sensitivity"] == 0.6667
+    assert by_component["finding_accuracy"] == by_lesion["finding_accuracy"]  # slices are scored alike
+
+    [slice_3] = [s for s in series_samples(paths, tracked, 64) if s.slice_index == 3]
+    assert slice_3.labels == ("Liver tumor",) and slice_3.answer == "It is [SEG]. Liver tumor."  # one finding, both tumours
+    assert slice_3.masks.shape == (1, 64, 64) and slice_3.masks[0, 5:12, 5:12].all() and slice_3.masks[0, 20:40, 22:40].all()
 
 
 @pytest.mark.slow

@@ -51,11 +51,13 @@ def series_samples(series: list[Path], segmentation: Path, size: int = 256,
     """Every slice of the series with the SEG's segments on it (slices without any: "No findings.")."""
     volume = load_series(series)
     model_input = prepare(volume, size=size, normalization=normalization)
-    segments = read_segmentation(segmentation, volume)
+    by_label: dict[str, np.ndarray] = {}  # one [SEG] per finding: a SEG with a segment per lesion is merged by label
+    for segment in read_segmentation(segmentation, volume):
+        label = finding_label(segment.label)
+        by_label[label] = by_label[label] | segment.mask if label in by_label else segment.mask
     samples = []
     for k in range(len(volume.sources)):
-        present = [s for s in segments if s.mask[k].any()]
-        masks = model_input.transform.mask_to_model(np.stack([s.mask[k] for s in present])) if present else np.zeros((0, size, size), bool)
-        samples.append(SliceSample(model_input.images[k], masks, tuple(finding_label(s.label) for s in present),
-                                   volume.series_instance_uid, k, volume.modality))
+        present = [label for label, mask in by_label.items() if mask[k].any()]
+        masks = model_input.transform.mask_to_model(np.stack([by_label[l][k] for l in present])) if present else np.zeros((0, size, size), bool)
+        samples.append(SliceSample(model_input.images[k], masks, tuple(present), volume.series_instance_uid, k, volume.modality))
     return samples

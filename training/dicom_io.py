@@ -85,26 +85,33 @@ def _slice_dataset(header: SeriesHeader, study: str, series: str, frame: str, k:
     return ds
 
 
-def write_ground_truth(path: Path, sources: list[Path], masks: dict[str, np.ndarray]) -> Path:
-    """A binary DICOM-SEG with one segment per finding label (masks (z, y, x) in the sources' order).
+def write_ground_truth(path: Path, sources: list[Path], masks: dict[str, np.ndarray] | list[tuple[str, np.ndarray]]) -> Path:
+    """A binary DICOM-SEG of ``masks`` ((z, y, x) bool in the sources' order).
 
+    A dict gives one segment per finding label (an annotation tool's usual export; the evaluation then takes
+    each connected component for a lesion). A list of (label, mask) gives one segment per lesion, each with
+    its own Tracking ID and Tracking UID, as the node's own SEGs do: the evaluation then knows which parts
+    belong to one lesion (a tumour whose satellite lies apart on the 5 mm slices is still one tumour).
     A study without findings still gets its SEG, with its segments empty (every frame written): the record
     that the series was reviewed and found clear, as an annotation tool exports it."""
-    if not masks:
+    tracked = isinstance(masks, list)
+    segments = masks if tracked else sorted(masks.items())
+    if not segments:
         raise ValueError("name at least one label (an empty mask says it was looked for and not found)")
     datasets = [dcmread(p) for p in sources]
-    labels = sorted(masks)
-    label_map = np.zeros(next(iter(masks.values())).shape, np.uint8)
-    for number, label in enumerate(labels, start=1):
-        label_map[masks[label]] = number  # findings of different labels never overlap in the synthesis
-    descriptions = [
-        hd.seg.SegmentDescription(
+    label_map = np.zeros(segments[0][1].shape, np.uint8)
+    for number, (_, mask) in enumerate(segments, start=1):
+        label_map[mask] = number  # the synthesis's findings never overlap
+    ordinal = {label: 0 for label, _ in segments}
+    descriptions = []
+    for number, (label, _) in enumerate(segments, start=1):
+        ordinal[label] += 1
+        tracking = {"tracking_id": f"{label} {ordinal[label]}", "tracking_uid": generate_uid()} if tracked else {}
+        descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=label,
             segmented_property_category=codes_for(label).category, segmented_property_type=codes_for(label).property_type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-        )
-        for number, label in enumerate(labels, start=1)
-    ]
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL, **tracking,
+        ))
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=label_map, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=900,

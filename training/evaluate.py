@@ -7,12 +7,15 @@ from the cache); an observer records every slice's answer. Against the ground-tr
   model's raw per-slice answers (``answer_finding_accuracy``); Dice of the answers' masks on slices where the
   truth has a finding; BLEU-1 / METEOR / ROUGE-L of the answer text against the reference answer
   ("It is [SEG]. Brain tumor." or "No findings.");
-- lesion level (3D): a true lesion (26-connected component of a label's mask) is detected when a predicted
+- lesion level (3D): a true lesion (a tracked segment, i.e. one with a Tracking UID, with all its parts; in a
+  SEG without tracking, each 26-connected component of a label's mask) is detected when a predicted
   lesion overlaps it; sensitivity, false-positive lesions per volume, mean Dice of the detected lesions
   (against the predicted lesions that overlap each). True lesions smaller than the node reports
   (``EngineConfig.min_volume_ml``, 0.05 ml: specks of a few voxels that the synthesis's partial volume leaves
   beside a tumour) are neither lesions to find nor findings on their slices (``true_lesions_below_reportable``
   counts them), as detection challenges set a smallest lesion; a predicted lesion on one is no false positive;
+  ``lesion_part_sensitivity`` counts each 26-connected part of a true lesion as a lesion of its own (the
+  stricter figure where a lesion lies in parts, e.g. a tumour with a satellite);
 - reliability calibration: on slices with a predicted finding, the error rate per reliability level.
 """
 
@@ -58,6 +61,8 @@ class SeriesRecord:
     true_lesions: int = 0
     below_reportable: int = 0
     detected: int = 0
+    true_parts: int = 0
+    detected_parts: int = 0
     false_positives: int = 0
     lesion_dice: list[float] = field(default_factory=list)
 
@@ -72,19 +77,38 @@ class LesionScore:
     detected: int
     false_positives: int
     dice: list[float]  # per detected lesion
+    true_parts: int = 0  # 26-connected parts of the true lesions, each counted as a lesion of its own
+    detected_parts: int = 0
 
 
-def read_truth(item: LabeledSeries, volume: Volume, min_volume_ml: float) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """Per finding label, the ground truth's mask on ``volume``'s grid, without components under
-    ``min_volume_ml`` (returned apart as specks: the node never reports those, so they are neither lesions to
-    find nor slices with a finding)."""
-    truth: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(volume.voxels.shape, bool))
+@dataclass(frozen=True)
+class GroundTruth:
+    """A series' ground truth on its volume's grid, without parts under the node's smallest lesion."""
+
+    labels: dict[str, np.ndarray]  # finding label -> (z, y, x) bool: what each slice shows
+    lesions: list[np.ndarray]  # one mask per true lesion
+    specks: list[np.ndarray]  # parts too small to report: neither to find nor false positives
+
+
+def read_truth(item: LabeledSeries, volume: Volume, min_volume_ml: float) -> GroundTruth:
+    """The SEG's truth on ``volume``. A lesion is a segment with a Tracking UID (all its parts, however far
+    apart: the annotator, or the synthesis, said they are one lesion; segments sharing the UID are one), or
+    else each 26-connected component of an untracked label's mask. Components under ``min_volume_ml`` are
+    specks (the node never reports those, so they are neither lesions to find nor slices with a finding)."""
+    tracked: dict[str, np.ndarray] = {}
+    untracked: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(volume.voxels.shape, bool))
+    labels: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(volume.voxels.shape, bool))
     for segment in read_segmentation(item.segmentation, volume):
-        if segment.mask.any():
-            truth[finding_label(segment.label)] |= segment.mask
+        if not segment.mask.any():
+            continue
+        labels[finding_label(segment.label)] |= segment.mask
+        if segment.tracking_uid:
+            tracked[segment.tracking_uid] = tracked.get(segment.tracking_uid, np.zeros(volume.voxels.shape, bool)) | segment.mask
+        else:
+            untracked[finding_label(segment.label)] |= segment.mask
     kept: dict[str, np.ndarray] = {}
     specks: list[np.ndarray] = []
-    for label, mask in truth.items():
+    for label, mask in labels.items():
         mask = mask.copy()
         for component in _components(mask):
             if mask_volume_ml(volume, component) < min_volume_ml:
@@ -92,27 +116,32 @@ def read_truth(item: LabeledSeries, volume: Volume, min_volume_ml: float) -> tup
                 specks.append(component)
         if mask.any():
             kept[label] = mask
-    return kept, specks
+    reportable = np.any(list(kept.values()), axis=0) if kept else np.zeros(volume.voxels.shape, bool)
+    lesions = [mask & reportable for mask in tracked.values() if (mask & reportable).any()]
+    lesions += [part for mask in untracked.values() for part in _components(mask & reportable)]
+    return GroundTruth(kept, lesions, specks)
 
 
-def score_lesions(truth: dict[str, np.ndarray], specks: list[np.ndarray], predicted: list[np.ndarray]) -> LesionScore:
+def score_lesions(truth: GroundTruth, predicted: list[np.ndarray]) -> LesionScore:
     """A true lesion is detected when a predicted one overlaps it; a predicted lesion that overlaps no true
-    lesion and no speck is a false positive."""
-    hit = [any((p & speck).any() for speck in specks) for p in predicted]
-    true_lesions, detected, dice = 0, 0, []
-    for lesion in (lesion for mask in truth.values() for lesion in _components(mask)):
-        true_lesions += 1
+    lesion and no speck is a false positive. Each part of a true lesion is scored the same way on its own
+    (``true_parts``): where lesions lie in parts, the stricter count."""
+    hit = [any((p & speck).any() for speck in truth.specks) for p in predicted]
+    detected, dice = 0, []
+    for lesion in truth.lesions:
         overlapping = [i for i, p in enumerate(predicted) if (p & lesion).any()]
         if overlapping:
             detected += 1
             dice.append(_dice(np.any([predicted[i] for i in overlapping], axis=0), lesion))
             for i in overlapping:
                 hit[i] = True
-    return LesionScore(true_lesions, detected, hit.count(False), dice)
+    parts = [part for lesion in truth.lesions for part in _components(lesion)]
+    found_parts = sum(any((p & part).any() for p in predicted) for part in parts)
+    return LesionScore(len(truth.lesions), detected, hit.count(False), dice, len(parts), found_parts)
 
 
-def slice_reference(truth: dict[str, np.ndarray], k: int) -> frozenset[str]:
-    return frozenset(normalize_finding(label) for label, mask in truth.items() if mask[k].any())
+def slice_reference(truth: GroundTruth, k: int) -> frozenset[str]:
+    return frozenset(normalize_finding(label) for label, mask in truth.labels.items() if mask[k].any())
 
 
 def slice_output(lesions: list[Lesion], k: int) -> frozenset[str]:
@@ -123,17 +152,17 @@ def slice_output(lesions: list[Lesion], k: int) -> frozenset[str]:
 def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore[no-untyped-def]
     volume = load_series(item.series)
     config = EngineConfig()
-    truth, specks = read_truth(item, volume, config.min_volume_ml)
+    truth = read_truth(item, volume, config.min_volume_ml)
     seen: dict[int, tuple[Interpretation, SliceTransform]] = {}
     body_part = str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
     result = interpret_volume(volume, model, config, body_part,
                               observe=lambda k, interpretation, transform: seen.__setitem__(k, (interpretation, transform)))
-    record = SeriesRecord(volume.modality, below_reportable=len(specks))
+    record = SeriesRecord(volume.modality, below_reportable=len(truth.specks))
     policy = model.reliability
     for k in range(volume.voxels.shape[0]):
-        labels = sorted(label for label, mask in truth.items() if mask[k].any())
+        labels = sorted(label for label, mask in truth.labels.items() if mask[k].any())
         reference = slice_reference(truth, k)
-        truth_mask = np.any([mask[k] for mask in truth.values()], axis=0) if truth else np.zeros(volume.voxels.shape[1:], bool)
+        truth_mask = np.any([mask[k] for mask in truth.labels.values()], axis=0) if truth.labels else np.zeros(volume.voxels.shape[1:], bool)
         if k in seen:
             interpretation, transform = seen[k]
             answer = interpretation.answer
@@ -146,8 +175,9 @@ def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore
         dice = _dice(predicted_mask, truth_mask) if truth_mask.any() else None
         record.slices.append(SliceRecord(findings, reference, slice_output(result.lesions, k), text,
                                          reference_answer(labels), dice, reliability))
-    score = score_lesions(truth, specks, [lesion.mask for lesion in result.lesions])
+    score = score_lesions(truth, [lesion.mask for lesion in result.lesions])
     record.true_lesions, record.detected, record.false_positives = score.true_lesions, score.detected, score.false_positives
+    record.true_parts, record.detected_parts = score.true_parts, score.detected_parts
     record.lesion_dice = score.dice
     return record
 
@@ -174,6 +204,9 @@ def summarize(records: list[SeriesRecord]) -> dict:
         "true_lesions": true_lesions,
         "true_lesions_below_reportable": sum(r.below_reportable for r in records),
         "lesion_sensitivity": round(sum(r.detected for r in records) / true_lesions, 4) if true_lesions else None,
+        "true_lesion_parts": sum(r.true_parts for r in records),
+        "lesion_part_sensitivity": round(sum(r.detected_parts for r in records) / max(sum(r.true_parts for r in records), 1), 4)
+        if true_lesions else None,
         "false_positives_per_volume": round(sum(r.false_positives for r in records) / max(len(records), 1), 4),
         "mean_dice_detected_lesions": round(float(np.mean(dices)), 4) if dices else None,
         "slice_dice": round(float(np.mean(slice_dice)), 4) if slice_dice else None,

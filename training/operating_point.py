@@ -27,7 +27,7 @@ from inference.model.protocol import Interpretation
 from inference.preprocess import SliceTransform
 from inference.slicing import Volume, load_series
 from training.cache import CachedEncoderModel, EmbeddingCache
-from training.evaluate import read_truth, score_lesions, slice_output, slice_reference
+from training.evaluate import GroundTruth, read_truth, score_lesions, slice_output, slice_reference
 from training.sources import LabeledSeries
 
 
@@ -37,8 +37,7 @@ class SeriesPass:
 
     modality: str
     volume: Volume
-    truth: dict[str, np.ndarray]
-    specks: list[np.ndarray]
+    truth: GroundTruth
     findings: list[SliceFinding]
     first_mask_pixels: dict[int, int]  # slice -> model-grid pixels of its answer's first mask
     mask_threshold: float = 0.5
@@ -82,7 +81,7 @@ def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: Embed
     with _loosest(model, mask_threshold):
         for item in items:
             volume = load_series(item.series)
-            truth, specks = read_truth(item, volume, config.min_volume_ml)
+            truth = read_truth(item, volume, config.min_volume_ml)
             first: dict[int, int] = {}
             presence: dict[int, float] = {}
 
@@ -98,7 +97,7 @@ def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: Embed
             findings = [SliceFinding(k, lesion.label, lesion.mask[k], lesion.mean_score, lesion.reliability)
                         for lesion in result.lesions for k in range(lesion.slice_range[0], lesion.slice_range[1] + 1)
                         if lesion.mask[k].any()]
-            passes.append(SeriesPass(volume.modality, volume, truth, specks, findings, first, mask_threshold, presence))
+            passes.append(SeriesPass(volume.modality, volume, truth, findings, first, mask_threshold, presence))
     return passes
 
 
@@ -112,7 +111,7 @@ def score_point(passes: list[SeriesPass], modality: str, min_mask_pixels: int, m
         kept = [f for f in series.findings if series.first_mask_pixels.get(f.slice_index, 0) >= min_mask_pixels
                 and series.first_presence.get(f.slice_index, 0.0) >= presence_threshold]
         lesions = aggregate(series.volume, kept, min_volume_ml, min_lesion_slices)
-        score = score_lesions(series.truth, series.specks, [lesion.mask for lesion in lesions])
+        score = score_lesions(series.truth, [lesion.mask for lesion in lesions])
         true_lesions, detected = true_lesions + score.true_lesions, detected + score.detected
         false_positives += score.false_positives
         dice += score.dice

@@ -81,7 +81,7 @@ def _ground_truth(ds) -> tuple[str, tuple[str, ...]] | None:  # type: ignore[no-
     referenced = ds.get("ReferencedSeriesSequence")
     if not referenced:
         return None
-    labels = tuple(str(s.SegmentLabel) for s in segments)
+    labels = tuple(dict.fromkeys(str(s.SegmentLabel) for s in segments))  # a SEG with a segment per lesion names each once
     return str(referenced[0].SeriesInstanceUID), labels
 
 
@@ -163,8 +163,9 @@ def _write_study(target: Path, study: SyntheticStudy, default_label: str) -> Non
     """The series, then the SEG under a temporary name renamed last: seg.dcm marks a complete subject."""
     header = SeriesHeader(target.name, study.modality, study.description, study.body_part)
     paths = write_series(target / "series", study.voxels, header, study.pixel_mm, study.slice_mm)
-    masks = study.masks or {default_label: np.zeros(study.voxels.shape, bool)}
-    write_ground_truth(target / "seg.partial", paths, masks).replace(target / "seg.dcm")
+    lesions = [(label, mask) for label, mask in study.lesions if mask.any()]
+    truth = lesions or {default_label: np.zeros(study.voxels.shape, bool)}  # one segment per lesion, tracked
+    write_ground_truth(target / "seg.partial", paths, truth).replace(target / "seg.dcm")
 
 
 def split_by_subject(items: list[LabeledSeries], held_out: float = 0.25, seed: int = 0) -> tuple[list[LabeledSeries], list[LabeledSeries]]:

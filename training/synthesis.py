@@ -2,7 +2,7 @@
 and lung nodules in procedurally built CT phantoms. Pure functions of a random generator.
 
 Each returns a :class:`SyntheticStudy`: the voxels of an axial series (MR in stored units, CT in HU), its
-geometry, and one ground-truth mask per finding label. Lesions have irregular shapes (a sphere perturbed by
+geometry, and one ground-truth mask per lesion. Lesions have irregular shapes (a sphere perturbed by
 smooth noise), a range of sizes and contrasts, and blurred edges; brain tumours push the tissue around them
 aside (mass effect). Slices are thick (5 mm) slabs averaged from 1 mm, so partial volume is real, and a
 slice's mask is where the lesion fills at least half the slab. A study may have no lesion at all.
@@ -27,8 +27,16 @@ class SyntheticStudy:
     voxels: np.ndarray  # (z, y, x) float32: MR signal or CT HU, z from feet to head
     pixel_mm: float
     slice_mm: float
-    masks: dict[str, np.ndarray] = field(default_factory=dict)  # finding label -> (z, y, x) bool
+    lesions: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (finding label, (z, y, x) bool), one per lesion
     description: str = ""
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        """Finding label -> the union of its lesions' masks (what a slice shows, whichever lesion it is)."""
+        union: dict[str, np.ndarray] = {}
+        for label, mask in self.lesions:
+            union[label] = union[label] | mask if label in union else mask.copy()
+        return union
 
 
 def smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float) -> np.ndarray:
@@ -85,8 +93,8 @@ def brain_tumor_study(head: Head, rng: np.random.Generator, positive: bool = Tru
     low, high = max(zs[0] - 5, 0), min(zs[-1] + 6, image.shape[0])  # the brain and a margin
     slab = slice(low, low + (high - low) // factor * factor)
     voxels = thick_slices(image[slab], factor)
-    masks = {k: thick_slices(v[slab].astype(np.float32), factor) >= 0.5 for k, v in labels.items()}
-    return SyntheticStudy("MR", "HEAD", voxels.astype(np.float32), head.spacing_mm, SLICE_MM, masks,
+    lesions = [(k, thick_slices(v[slab].astype(np.float32), factor) >= 0.5) for k, v in labels.items()]
+    return SyntheticStudy("MR", "HEAD", voxels.astype(np.float32), head.spacing_mm, SLICE_MM, lesions,
                           f"T1 axial ({head.name} based)")
 
 
@@ -175,19 +183,29 @@ def ct_study(rng: np.random.Generator, region: str, lesions: int) -> SyntheticSt
         organs = _chest(hu, shape, scale, rng)
     _spine(hu, shape, rng)
     kinds = {"abdomen": ["Liver tumor", "Kidney tumor"], "chest": ["Lung nodule"]}[region]
-    masks: dict[str, np.ndarray] = {}
+    placed: list[tuple[str, np.ndarray]] = []
     for _ in range(lesions):
         label = kinds[rng.integers(len(kinds))]
         lesion = _ct_lesion(hu, organs, label, shape, scale, rng)
         if lesion is not None:
-            masks[label] = masks.get(label, np.zeros(shape, bool)) | lesion
+            placed.append((label, lesion))
     hu = ndimage.gaussian_filter(hu, (0.5, 0.7, 0.7))  # the scanner's point spread
     hu += rng.uniform(6, 16) * smooth_noise(shape, rng, 0.6)  # correlated quantum noise
     voxels = thick_slices(hu, CT_SUBSLICES)
-    thick = {k: thick_slices(v.astype(np.float32), CT_SUBSLICES) >= 0.5 for k, v in masks.items()}
-    thick = {k: v for k, v in thick.items() if v.any()}
-    return SyntheticStudy("CT", region.upper(), voxels, CT_PIXEL_MM, CT_SUBSLICES * 1.0, thick,
+    return SyntheticStudy("CT", region.upper(), voxels, CT_PIXEL_MM, CT_SUBSLICES * 1.0, _thick_lesions(placed),
                           f"{region.capitalize()} CT portal venous")
+
+
+def _thick_lesions(placed: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """Each lesion's mask on the thick slices. A label's union is where its lesions together fill half the
+    slab; each voxel of it goes to the lesion that fills most of it, so lesions that touch stay apart."""
+    thick: list[tuple[str, np.ndarray]] = []
+    for label in sorted({label for label, _ in placed}):
+        fractions = np.stack([thick_slices(m.astype(np.float32), CT_SUBSLICES) for l, m in placed if l == label])
+        union = thick_slices(np.any([m for l, m in placed if l == label], axis=0).astype(np.float32), CT_SUBSLICES) >= 0.5
+        owner = fractions.argmax(axis=0)
+        thick += [(label, union & (owner == i)) for i in range(len(fractions)) if (union & (owner == i)).any()]
+    return thick
 
 
 def _grid(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
