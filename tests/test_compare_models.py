@@ -1,0 +1,36 @@
+"""Comparing a retrained checkpoint with the one it should reproduce: figures counted in lesions, weights."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from benchmarks.compare_models import compare_cards, compare_weights
+from inference.model.card import ModelCard
+
+
+def _card(found: int, false_positives: int) -> ModelCard:
+    figures = {"lesion_sensitivity": found / 24, "false_positives_per_volume": false_positives / 20,
+               "true_lesions": 24, "volumes": 20, "mean_dice_detected_lesions": 0.9}
+    return ModelCard(name="m", version="1", architecture={}, modalities=("CT",),
+                     metrics={"CT": figures, "all": figures, "training": {"final_loss": 0.2}})
+
+
+def test_rates_are_counted_back_into_lesions_and_false_positives():
+    rows = {row.figure: row for row in compare_cards(_card(21, 15), _card(22, 12))}
+    assert rows["lesion_sensitivity"].counted == "+1 lesions"
+    assert rows["false_positives_per_volume"].counted == "-3 false positives"
+    assert rows["mean_dice_detected_lesions"].counted == ""  # not a rate over lesions
+    assert rows["slice_dice"].first is None and rows["slice_dice"].counted == ""  # absent from both cards
+    assert {row.modality for row in compare_cards(_card(21, 15), _card(22, 12))} == {"CT"}  # not "all", "training"
+
+
+def test_weights_equal_and_apart(tmp_path):
+    weights = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4)}
+    save_file(weights, str(tmp_path / "first.safetensors"))
+    save_file({"a": weights["a"], "b": weights["b"] * 1.01}, str(tmp_path / "second.safetensors"))
+    difference = compare_weights(tmp_path / "first.safetensors", tmp_path / "second.safetensors")
+    assert (difference.tensors, difference.bit_equal, difference.largest_relative_name) == (2, 1, "b")
+    assert difference.largest_relative == pytest.approx(0.01, rel=1e-3)
+    save_file({"a": torch.zeros(3, 2), "b": weights["b"]}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not the same architecture"):
+        compare_weights(tmp_path / "first.safetensors", tmp_path / "other.safetensors")
