@@ -39,14 +39,15 @@ class WeightsDifference:
     largest_relative_name: str
 
 
-def _counted(figure: str, metrics: dict, first: float, second: float) -> str:
-    """The difference as a number of lesions, lesion parts or false positives, for the rates over them."""
+def _counted(figure: str, first_metrics: dict, second_metrics: dict, first: float, second: float) -> str:
+    """The difference as a number of lesions, lesion parts or false positives, for the rates over them; only
+    where both cards counted over as many (the same split), else a count would mislead."""
     base = {"lesion_sensitivity": ("true_lesions", "lesions"),
             "lesion_part_sensitivity": ("true_lesion_parts", "parts"),
             "false_positives_per_volume": ("volumes", "false positives")}.get(figure)
-    if base is None or metrics.get(base[0]) is None:
+    if base is None or first_metrics.get(base[0]) is None or first_metrics.get(base[0]) != second_metrics.get(base[0]):
         return ""
-    return f"{(second - first) * metrics[base[0]]:+.0f} {base[1]}"
+    return f"{(second - first) * first_metrics[base[0]]:+.0f} {base[1]}"
 
 
 def compare_cards(first: ModelCard, second: ModelCard) -> list[FigureRow]:
@@ -58,7 +59,7 @@ def compare_cards(first: ModelCard, second: ModelCard) -> list[FigureRow]:
         a, b = first.metrics[modality], second.metrics.get(modality, {})
         for figure in FIGURES:
             x, y = a.get(figure), b.get(figure)
-            counted = _counted(figure, a, x, y) if x is not None and y is not None else ""
+            counted = _counted(figure, a, b, x, y) if x is not None and y is not None else ""
             rows.append(FigureRow(modality, figure, x, y, counted))
     return rows
 

@@ -21,6 +21,10 @@ def test_rates_are_counted_back_into_lesions_and_false_positives():
     assert rows["false_positives_per_volume"].counted == "-3 false positives"
     assert rows["mean_dice_detected_lesions"].counted == ""  # not a rate over lesions
     assert rows["slice_dice"].first is None and rows["slice_dice"].counted == ""  # absent from both cards
+    other_split = _card(22, 12)
+    other_split.metrics["CT"]["true_lesions"] = 30
+    assert next(row for row in compare_cards(_card(21, 15), other_split)
+                if row.figure == "lesion_sensitivity").counted == ""  # another split: no count of lesions
     assert {row.modality for row in compare_cards(_card(21, 15), _card(22, 12))} == {"CT"}  # not "all", "training"
 
 
