@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from inference.model.card import CARD_FILE, ModelCard
+from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 
-WEIGHTS_FILE = "model.safetensors"
 FIGURES = ("lesion_sensitivity", "false_positives_per_volume", "mean_dice_detected_lesions", "finding_accuracy",
            "answer_finding_accuracy", "lesion_part_sensitivity", "slice_dice", "bleu1", "meteor", "rouge_l")
 
