@@ -6,6 +6,7 @@ import argparse
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -27,7 +28,11 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--since", type=date.fromisoformat, help="only studies from this date (YYYY-MM-DD) on")
     train.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
     train.add_argument("--version", help="version name (default: train-<UTC time>)")
-    train.add_argument("--steps", type=int, help="optimiser steps (default: the trainer's, 600)")
+    train.add_argument("--steps", type=count_argument(1), help="optimiser steps (default: the trainer's, 600)")
+    train.add_argument("--hard-negative-steps", type=count_argument(0), default=0, metavar="N",
+                       help="after --steps, N more steps in which half of each batch's clear slices are those on which "
+                            "the model still draws a lesion (hard negatives, mined once; training/hard_negatives.py); "
+                            "default 0: none")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
@@ -102,7 +107,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version,
-                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast), resume=args.resume,
+                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
+                                              hard_negative_steps=args.hard_negative_steps), resume=args.resume,
                            min_lesion_slices=args.min_lesion_slices, mirror=args.mirror, progress=not args.quiet,
                            architecture=architecture, encoder_precision=args.encoder_precision,
                            device=config.jobs.device, description="; ".join(described),
@@ -123,6 +129,19 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
           f"dicom-node model activate {version})"))
     _print_metrics(card.metrics)
     return 0
+
+
+def count_argument(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (a step count), else a usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+    return parse
 
 
 def lesion_slices_argument(text: str) -> int | dict[str, int]:

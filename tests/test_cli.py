@@ -78,7 +78,7 @@ def test_presence_is_off_unless_asked_for_and_a_threshold_must_be_a_probability(
     on = GroundedConfig(**training_architecture(presence_argument("0.3")))
     assert on.presence and on.presence_threshold == 0.3 and not on.mirror
     assert GroundedConfig(**training_architecture(None, mirror=True)).mirror
-    assert GroundedConfig(**training_architecture(None, min_mask_pixels=30)).min_mask_pixels == 30  # the shipped card's
+    assert GroundedConfig(**training_architecture(None, min_mask_pixels=30)).min_mask_pixels == 30  # 1.3.0's card
     with pytest.raises(TrainingArgumentError, match="min_mask_pixels must be at least 1"):
         training_architecture(None, min_mask_pixels=0)
     for bad in ("1", "-0.1", "high"):
@@ -92,3 +92,12 @@ def test_a_bad_operating_point_stops_the_command_with_the_expected_form(bad, cap
     with pytest.raises(SystemExit) as stopped:
         main(["train", "--min-lesion-slices", bad, "--help"])
     assert stopped.value.code == 2 and "CT=2,MR=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,bad,message", [("--hard-negative-steps", "-1", "at least 0"), ("--steps", "0", "at least 1"),
+                                                ("--hard-negative-steps", "many", "whole number")])
+def test_a_step_count_must_be_a_whole_number_in_range(option, bad, message, capsys):
+    """Refused as a usage error before anything is trained, not as a traceback from the trainer's config."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", option, bad, "--help"])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -10,6 +10,7 @@ from pydicom import dcmread
 
 from inference.ground_truth import read_segmentation
 from inference.slicing import load_series
+from tests.conftest import QUESTION
 from tests.test_outputs_seg import dciodvfy_errors
 from training.dicom_io import SeriesHeader, write_ground_truth, write_series
 from training.sources import LabeledSeries, from_folder, split_by_subject
@@ -169,6 +170,81 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path, context):
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for (name, a), b in zip(straight.network.trainable_state_dict().items(), resumed.network.trainable_state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_hard_negatives_are_the_slices_the_model_would_report(trained_detail):
+    """Mining scores a slice as the node decides it (the "It is [SEG]" query's mask through the detail branch):
+    offered both of the toy's slices as if clear, it picks the one where the model draws its lesion, and does so
+    exactly where the model's own answer at that many pixels is a finding."""
+    from training.hard_negatives import hard_negatives, query_mask_pixels
+
+    model, images, embeddings, _, _, stacks = trained_detail
+    network = model.network
+    pixels = query_mask_pixels(network, embeddings, stacks, "CT")
+    assert pixels[0] >= 1000 and pixels[1] < 5  # the toy's lesion (40 x 40 px) and its clear slice
+    for least in (5, int(pixels[0]), int(pixels[0]) + 1):
+        mined = hard_negatives(network, embeddings, stacks, ["CT", "CT"], np.array([0, 1]), least)
+        answers = model.interpret_embeddings(embeddings, QUESTION, slices=stacks) if least == 5 else None
+        assert mined.tolist() == ([0] if least <= pixels[0] else [])
+        if answers is not None:  # the node's own decision at the card's 5 px agrees
+            assert [bool(len(a.answer.masks)) for a in answers] == [True, False]
+    assert not network.training  # left as it was found
+
+
+def test_the_hard_negative_phase_draws_mined_slices_and_resumes_exactly(tmp_path):
+    """After ``steps`` the trainer mines once and then fills ``hard_negative_fraction`` of each batch's clear
+    slices from the mined ones (here all of them), at a restarted lower rate; stopped inside the phase and
+    resumed, it ends with the weights and mined slices of an uninterrupted run."""
+    from inference.model.builtin import BuiltinModel
+    from tests.conftest import TINY, tiny_card
+    from training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(steps=2, batch_size=4, checkpoint_every=1, warmup_steps=1, hard_negative_steps=3,
+                         hard_negative_fraction=1.0, hard_negative_pixels=1)
+    architecture = TINY | {"decision": "decoder", "detail_width": 8, "context_slices": 1}
+
+    def fresh():
+        torch.manual_seed(0)
+        return BuiltinModel.new(tiny_card(architecture=architecture))
+
+    straight = Trainer(fresh(), tiny_training_set(1), config, tmp_path / "a")
+    drawn = []
+    batch = straight.batch
+    straight.batch = lambda: drawn.append([int(i) for i in batch()]) or drawn[-1]
+    history = straight.train(progress=False)
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert straight.hard is not None and set(straight.hard) == {"CT"}
+    # An untrained toy draws some mask everywhere, so at 1 pixel both clear slices are hard (and no slice
+    # with a finding is ever mined); a batch of 4 holds 1 slice with a finding and 3 clear ones.
+    assert straight.hard["CT"].tolist() == [1, 3] and len(drawn) == 5
+    assert all(sorted(i in (1, 3) for i in b) == [False, True, True, True] for b in drawn)
+    chooser = Trainer(fresh(), tiny_training_set(1), config, tmp_path / "c")
+    chooser.hard = {"CT": np.array([3])}  # as if only slice 3 had been mined
+    before = [chooser.batch() for _ in range(50)]
+    chooser.step = config.steps
+    during = [chooser.batch() for _ in range(50)]
+    assert any(1 in b for b in before) and not any(1 in b for b in during)  # the phase draws clear slices from the mined
+    assert all(b.count(3) == 3 for b in during)
+    rates = [straight._factor(step) for step in range(5)]
+    assert rates[2] == pytest.approx(config.hard_negative_learning_rate) and rates[2] > rates[3] > rates[4] >= 0.05
+    interrupted = Trainer(fresh(), tiny_training_set(1), config, tmp_path / "b")
+    interrupted.train(progress=False, until=3)  # killed inside the phase, after mining
+    resumed = Trainer(fresh(), tiny_training_set(1), config, tmp_path / "b")
+    assert resumed.resume() and resumed.step == 3 and resumed.hard is not None
+    assert {m: v.tolist() for m, v in resumed.hard.items()} == {m: v.tolist() for m, v in straight.hard.items()}
+    resumed.train(progress=False)
+    for (name, a), b in zip(straight.model.network.trainable_state_dict().items(),
+                            resumed.model.network.trainable_state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_train_config_refuses_a_meaningless_hard_negative_phase():
+    from training.trainer import TrainConfig
+
+    for bad in ({"hard_negative_steps": -1}, {"hard_negative_fraction": 1.5}, {"hard_negative_pixels": 0},
+                {"hard_negative_learning_rate": 0.0}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
 
 
 def test_autocast_training_follows_fp32_training_and_keeps_fp32_weights(tmp_path):

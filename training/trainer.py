@@ -2,6 +2,10 @@
 decoder, the paper's loss (L_text + 2 BCE + 0.5 Dice), resumable checkpoints, fixed seeds.
 
 Batches hold one modality (the question names it) and about ``positive_fraction`` slices with a finding.
+With ``hard_negative_steps`` the schedule has a second, short phase after ``steps``: every clear training
+slice is scored once (``training.hard_negatives``) and part of each batch's clear slices is drawn from those
+on which the model still draws a lesion, at a restarted, lower learning rate.
+
 Every ``checkpoint_every`` steps the trainable weights, the optimiser, the schedule, the step and the random
 states go to ``state.pt`` in the output folder (atomically); ``resume`` continues from there exactly.
 """
@@ -21,6 +25,7 @@ from inference.model.builtin import BuiltinModel
 from inference.model.precision import native_bf16
 from inference.model.protocol import recognition_question
 from training.dataset import SliceSample
+from training.hard_negatives import hard_negatives
 from training.loss import grounded_loss
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,24 @@ class TrainConfig:
     # with AVX512-BF16, 2.1 s a step of a detail-branch model against 3.2 in fp32; on a GPU, the usual choice.
     # Off by default: where bf16 is emulated (AVX2-only CPUs) it is several times slower, not faster.
     autocast: bool = False
+    # Hard negatives (training.hard_negatives): steps after ``steps`` in which ``hard_negative_fraction`` of a
+    # batch's clear slices come from those whose query mask still has ``hard_negative_pixels`` or more.
+    hard_negative_steps: int = 0
+    hard_negative_fraction: float = 0.5
+    hard_negative_pixels: int = 5
+    hard_negative_learning_rate: float = 0.2  # the phase restarts at this fraction of the learning rates
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.hard_negative_steps < 0:
+            raise ValueError("steps must be at least 1 and hard_negative_steps at least 0")
+        if not 0 <= self.hard_negative_fraction <= 1 or not 0 < self.hard_negative_learning_rate <= 1:
+            raise ValueError("hard_negative_fraction must lie in [0, 1] and hard_negative_learning_rate in (0, 1]")
+        if self.hard_negative_pixels < 1:
+            raise ValueError("hard_negative_pixels must be at least 1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.hard_negative_steps
 
 
 @dataclass
@@ -90,10 +113,15 @@ class Trainer:
         self.modalities = sorted({s.modality for s in data.samples})
         self.pools = {(m, p): data.indices(m, p) for m in self.modalities for p in (True, False)}
         self.history: list[dict] = []
+        self.hard: dict[str, np.ndarray] | None = None  # modality -> hard clear slices, once mined
         if config.autocast and not native_bf16(model.device):
             logger.warning("bf16 autocast on %s, which has no native bf16: training will be several times slower", model.device)
 
     def _factor(self, step: int) -> float:
+        if step >= self.config.steps:  # the hard-negative phase: a short cosine from a lower restart
+            progress = (step - self.config.steps) / max(self.config.hard_negative_steps, 1)
+            start = self.config.hard_negative_learning_rate
+            return 0.05 + (start - 0.05) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if step < self.config.warmup_steps:
             return (step + 1) / self.config.warmup_steps
         progress = (step - self.config.warmup_steps) / max(self.config.steps - self.config.warmup_steps, 1)
@@ -109,9 +137,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.history = state["step"], state["history"]
+        self.hard = {m: np.asarray(v, int) for m, v in state["hard"].items()} if state.get("hard") is not None else None
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
-        logger.info("resumed at step %d of %d", self.step, self.config.steps)
+        logger.info("resumed at step %d of %d", self.step, self.config.total_steps)
         return True
 
     def save_state(self) -> None:
@@ -120,6 +149,7 @@ class Trainer:
             "weights": self.model.network.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "step": self.step, "history": self.history,
             "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "hard": None if self.hard is None else {m: v.tolist() for m, v in self.hard.items()},
         }
         temporary = self.out / (STATE_FILE + ".tmp")
         torch.save(state, temporary)
@@ -131,16 +161,37 @@ class Trainer:
         wanted = round(self.config.batch_size * self.config.positive_fraction) if len(positives) else 0
         wanted = wanted if len(negatives) else self.config.batch_size
         chosen = list(self.rng.choice(positives, wanted)) if wanted else []
-        chosen += list(self.rng.choice(negatives, self.config.batch_size - wanted)) if len(negatives) else []
+        clear = self.config.batch_size - wanted
+        hard = (self.hard or {}).get(modality, np.zeros(0, int)) if self.step >= self.config.steps else np.zeros(0, int)
+        from_hard = round(clear * self.config.hard_negative_fraction) if len(hard) and len(negatives) else 0
+        chosen += list(self.rng.choice(hard, from_hard)) if from_hard else []
+        chosen += list(self.rng.choice(negatives, clear - from_hard)) if len(negatives) else []
         return chosen
 
+    def mine(self) -> dict[str, np.ndarray]:
+        """The hard clear slices per modality (module docstring), from the weights as they are now."""
+        network = self.model.network
+        modalities = [s.modality for s in self.data.samples]
+        clear = np.concatenate([self.pools[(m, False)] for m in self.modalities])
+        found = hard_negatives(network, self.data.embeddings, self.data.detail_inputs, modalities, clear,
+                               self.config.hard_negative_pixels, self.config.autocast)
+        network.image_encoder.eval()
+        hard = {m: np.array([i for i in found if modalities[i] == m], int) for m in self.modalities}
+        for m in self.modalities:
+            logger.info("hard negatives, %s: %d of %d clear slices give a mask of %d pixels or more", m, len(hard[m]),
+                        len(self.pools[(m, False)]), self.config.hard_negative_pixels)
+        return hard
+
     def train(self, progress: bool = True, until: int | None = None) -> list[dict]:
-        """Train to ``config.steps`` (or stop at step ``until``, as an interruption would)."""
+        """Train to ``config.total_steps`` (or stop at step ``until``, as an interruption would)."""
         network = self.model.network
         network.train()
         network.image_encoder.eval()
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not progress, unit="step")
-        while self.step < min(self.config.steps, until or self.config.steps):
+        total = self.config.total_steps
+        bar = tqdm(total=total, initial=self.step, desc="training", disable=not progress, unit="step")
+        while self.step < min(total, until or total):
+            if self.step >= self.config.steps and self.hard is None:  # fraction 0: more steps, nothing mined
+                self.hard = self.mine() if self.config.hard_negative_fraction > 0 else {}
             chosen = self.batch()
             samples = [self.data.samples[i] for i in chosen]
             embeddings = self.data.embeddings[chosen].float().to(self.model.device)
@@ -165,7 +216,7 @@ class Trainer:
                                  "presence": parts.presence})
             bar.update(1)
             bar.set_postfix(loss=f"{parts.total.item():.3f}", text=f"{parts.text:.3f}", dice=f"{parts.dice:.3f}")
-            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+            if self.step % self.config.checkpoint_every == 0 or self.step in (self.config.steps, total):
                 self.save_state()
         bar.close()
         network.eval()

@@ -1,0 +1,55 @@
+"""Hard negatives: the clear training slices on which the trained model still draws a lesion.
+
+On held-out CT most false-positive lesions are of two kinds (README, "what was tried"): the rounded end of an
+organ on the first or last slices of a series (the liver's tip looks like a hyperdense nodule against fat),
+and bowel, whose density is a hypodense liver tumour's. Such slices are a few percent of the clear slices, so
+a batch drawn uniformly shows them rarely. After the main schedule the trainer scores every clear slice once
+(the "It is [SEG]" query's mask, as the node decides) and trains on for a few steps with part of each batch's
+clear slices drawn from those that still give a mask of ``min_pixels`` or more: bootstrapping, as detectors
+have mined hard negatives since Sung and Poggio.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from inference.model.grounded import GroundedSegmenter
+from inference.model.protocol import recognition_question
+
+
+@torch.inference_mode()
+def query_mask_pixels(network: GroundedSegmenter, embeddings: torch.Tensor, detail_inputs: np.ndarray | None,
+                      modality: str, batch_size: int = 16, autocast: bool = False) -> np.ndarray:
+    """Pixels of the [SEG] query's mask above ``mask_threshold`` per slice: (n,) int. ``embeddings`` (n, 256,
+    64, 64) of one modality's slices; ``detail_inputs`` their detail-branch stacks (models with one)."""
+    device = next(network.mask_decoder.parameters()).device
+    question = recognition_question(modality)
+    counts = []
+    for start in range(0, len(embeddings), batch_size):
+        chunk = embeddings[start:start + batch_size].float().to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            detail = None
+            if detail_inputs is not None:
+                detail = network.detail_features(torch.from_numpy(detail_inputs[start:start + batch_size]).float().to(device))
+            logits, _ = network.decode_masks(chunk, network.query_states(chunk, question), detail)
+        counts.append((logits.float() > network.config.mask_logit).sum(dim=(1, 2)).cpu().numpy())
+    return np.concatenate(counts) if counts else np.zeros(0, int)
+
+
+def hard_negatives(network: GroundedSegmenter, embeddings: torch.Tensor, detail_inputs: np.ndarray | None,
+                   modalities: list[str], clear: np.ndarray, min_pixels: int, autocast: bool = False) -> np.ndarray:
+    """The indices among ``clear`` (clear slices; ``modalities[i]`` the modality of slice i) whose query mask
+    has at least ``min_pixels`` pixels: what the model would report as a finding there."""
+    hard = []
+    was_training = network.training
+    network.eval()
+    try:
+        for modality in sorted({modalities[i] for i in clear}):
+            rows = np.array([i for i in clear if modalities[i] == modality], int)
+            pixels = query_mask_pixels(network, embeddings[rows], None if detail_inputs is None else detail_inputs[rows],
+                                       modality, autocast=autocast)
+            hard.extend(rows[pixels >= min_pixels].tolist())
+    finally:
+        network.train(was_training)
+    return np.array(sorted(hard), int)
