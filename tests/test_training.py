@@ -183,9 +183,9 @@ def test_hard_negatives_are_the_slices_the_model_would_report(trained_detail):
     pixels = query_mask_pixels(network, embeddings, stacks, "CT")
     assert pixels[0] >= 1000 and pixels[1] < 5  # the toy's lesion (40 x 40 px) and its clear slice
     for least in (5, int(pixels[0]), int(pixels[0]) + 1):
-        mined = hard_negatives(network, embeddings, stacks, ["CT", "CT"], np.array([0, 1]), least)
+        mined = hard_negatives(network, embeddings, stacks, {"CT": np.array([0, 1])}, least)
         answers = model.interpret_embeddings(embeddings, QUESTION, slices=stacks) if least == 5 else None
-        assert mined.tolist() == ([0] if least <= pixels[0] else [])
+        assert list(mined) == ["CT"] and mined["CT"].tolist() == ([0] if least <= pixels[0] else [])
         if answers is not None:  # the node's own decision at the card's 5 px agrees
             assert [bool(len(a.answer.masks)) for a in answers] == [True, False]
     assert not network.training  # left as it was found

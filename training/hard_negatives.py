@@ -11,6 +11,8 @@ have mined hard negatives since Sung and Poggio.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -38,18 +40,17 @@ def query_mask_pixels(network: GroundedSegmenter, embeddings: torch.Tensor, deta
 
 
 def hard_negatives(network: GroundedSegmenter, embeddings: torch.Tensor, detail_inputs: np.ndarray | None,
-                   modalities: list[str], clear: np.ndarray, min_pixels: int, autocast: bool = False) -> np.ndarray:
-    """The indices among ``clear`` (clear slices; ``modalities[i]`` the modality of slice i) whose query mask
-    has at least ``min_pixels`` pixels: what the model would report as a finding there."""
-    hard = []
+                   clear: Mapping[str, np.ndarray], min_pixels: int, autocast: bool = False) -> dict[str, np.ndarray]:
+    """Per modality, the indices among its ``clear`` slices (rows of ``embeddings``) whose query mask has at
+    least ``min_pixels`` pixels: what the model would report as a finding there."""
+    hard = {}
     was_training = network.training
     network.eval()
     try:
-        for modality in sorted({modalities[i] for i in clear}):
-            rows = np.array([i for i in clear if modalities[i] == modality], int)
+        for modality, rows in clear.items():
             pixels = query_mask_pixels(network, embeddings[rows], None if detail_inputs is None else detail_inputs[rows],
                                        modality, autocast=autocast)
-            hard.extend(rows[pixels >= min_pixels].tolist())
+            hard[modality] = np.asarray(rows, int)[pixels >= min_pixels]
     finally:
         network.train(was_training)
-    return np.array(sorted(hard), int)
+    return hard

@@ -170,13 +170,10 @@ class Trainer:
 
     def mine(self) -> dict[str, np.ndarray]:
         """The hard clear slices per modality (module docstring), from the weights as they are now."""
-        network = self.model.network
-        modalities = [s.modality for s in self.data.samples]
-        clear = np.concatenate([self.pools[(m, False)] for m in self.modalities])
-        found = hard_negatives(network, self.data.embeddings, self.data.detail_inputs, modalities, clear,
-                               self.config.hard_negative_pixels, self.config.autocast)
-        network.image_encoder.eval()
-        hard = {m: np.array([i for i in found if modalities[i] == m], int) for m in self.modalities}
+        clear = {m: self.pools[(m, False)] for m in self.modalities}
+        hard = hard_negatives(self.model.network, self.data.embeddings, self.data.detail_inputs, clear,
+                              self.config.hard_negative_pixels, self.config.autocast)
+        self.model.network.image_encoder.eval()  # restored to training mode with the rest; the encoder stays frozen
         for m in self.modalities:
             logger.info("hard negatives, %s: %d of %d clear slices give a mask of %d pixels or more", m, len(hard[m]),
                         len(self.pools[(m, False)]), self.config.hard_negative_pixels)
