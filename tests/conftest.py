@@ -137,16 +137,20 @@ def _images():  # type: ignore[no-untyped-def]
     return images
 
 
-# The toy has learnt its two slices when every loss term is this small: a mean cross-entropy of 0.05 over
-# the answers' tokens, a Dice loss of 0.05 over the two masks (the tests then check the answers themselves).
-CONVERGED = {"text": 0.05, "bce": 0.01, "dice": 0.05, "clear_bce": 0.01, "presence": 0.05}
+# The toy has learnt its two slices when every loss term is this small for SETTLED steps in a row: a mean
+# cross-entropy of 0.05 over the answers' tokens, a Dice loss of 0.02 over the two masks (the tests then check
+# the answers themselves). The [SEG] queries separate in a jump of a few steps, and a single step under a
+# Dice bound of 0.05 once stopped the 2.5D toy mid-jump (Dice loss 0.046 at step 155, 0.008 at 157): its
+# lung nodule's mask still held 177 pixels of the kidney tumour, which the engine reported as a second lesion.
+CONVERGED = {"text": 0.05, "bce": 0.01, "dice": 0.02, "clear_bce": 0.01, "presence": 0.05}
+SETTLED = 5
 
 
 def _teach(card, stacks=None, steps=100, max_steps=1000):  # type: ignore[no-untyped-def]
-    """Teach the toy at least ``steps`` steps, and on until it has learnt (``CONVERGED``). How long that takes
-    depends on the CPU's arithmetic: the two [SEG] queries stay on one mask (Dice loss about 0.4) for a while
-    before they separate, and that plateau ended before step 100 on one CPU, after 100 on AMD Zen 3 and after
-    200 on another. A fixed step count made the tests pass or fail by machine; a toy that never learns fails
+    """Teach the toy at least ``steps`` steps, and on until it has learnt (``CONVERGED`` for ``SETTLED`` steps).
+    How long that takes depends on the CPU's arithmetic: the two [SEG] queries stay on one mask (Dice loss about
+    0.4) for a while before they separate, and that plateau ended before step 100 on one CPU, after 100 on AMD
+    Zen 3 and after 200 on another. A fixed step count made the tests pass or fail by machine; a toy that never learns fails
     here, naming its losses. ``stacks``: the detail branch's input for the two slices, for a model with one."""
     import numpy as np
     import torch
@@ -168,13 +172,15 @@ def _teach(card, stacks=None, steps=100, max_steps=1000):  # type: ignore[no-unt
     ])
     network.train()
     slices = None if stacks is None else torch.from_numpy(model.detail_input(images, stacks))
+    settled = 0
     for step in range(1, max_steps + 1):
         detail = network.detail_features(slices) if slices is not None else None
         parts = grounded_loss(network, embeddings, QUESTION, TOY_ANSWERS, targets, detail)
         optimizer.zero_grad()
         parts.total.backward()
         optimizer.step()
-        if step >= steps and all(getattr(parts, name) < bound for name, bound in CONVERGED.items()):
+        settled = settled + 1 if all(getattr(parts, name) < bound for name, bound in CONVERGED.items()) else 0
+        if step >= steps and settled >= SETTLED:
             break
     else:
         pytest.fail(f"the toy model did not learn its two slices in {max_steps} steps: {parts}")
