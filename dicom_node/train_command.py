@@ -33,6 +33,11 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                        help="after --steps, N more steps in which half of each batch's clear slices are those on which "
                             "the model still draws a lesion (hard negatives, mined once; training/hard_negatives.py); "
                             "default 0: none")
+    train.add_argument("--hard-negative-cycles", type=count_argument(1), default=1, metavar="N",
+                       help="split the hard-negative steps into N equal cycles, each restarting the learning rate and "
+                            "mining again (default 1)")
+    train.add_argument("--average-cycles", action="store_true",
+                       help="the model's weights: the mean of the weights at each hard-negative cycle's end")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
@@ -81,7 +86,10 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
 
     try:
         architecture = training_architecture(args.presence, args.mirror, args.detail, args.context, args.min_mask_pixels)
-    except TrainingArgumentError as exc:
+        train_config = TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
+                                   hard_negative_steps=args.hard_negative_steps,
+                                   hard_negative_cycles=args.hard_negative_cycles, average_cycles=args.average_cycles)
+    except (TrainingArgumentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     version = args.version or datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
@@ -106,9 +114,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         described.append("the node's store" + (f" since {args.since}" if args.since else ""))
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
-    request = TrainRequest(out=out, cache=data / "cache", version=version,
-                           config=TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
-                                              hard_negative_steps=args.hard_negative_steps), resume=args.resume,
+    request = TrainRequest(out=out, cache=data / "cache", version=version, config=train_config, resume=args.resume,
                            min_lesion_slices=args.min_lesion_slices, mirror=args.mirror, progress=not args.quiet,
                            architecture=architecture, encoder_precision=args.encoder_precision,
                            device=config.jobs.device, description="; ".join(described),

@@ -95,9 +95,19 @@ def test_a_bad_operating_point_stops_the_command_with_the_expected_form(bad, cap
 
 
 @pytest.mark.parametrize("option,bad,message", [("--hard-negative-steps", "-1", "at least 0"), ("--steps", "0", "at least 1"),
-                                                ("--hard-negative-steps", "many", "whole number")])
+                                                ("--hard-negative-steps", "many", "whole number"),
+                                                ("--hard-negative-cycles", "0", "at least 1")])
 def test_a_step_count_must_be_a_whole_number_in_range(option, bad, message, capsys):
     """Refused as a usage error before anything is trained, not as a traceback from the trainer's config."""
     with pytest.raises(SystemExit) as stopped:
         main(["train", option, bad, "--help"])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cycles_that_do_not_divide_the_hard_negative_steps_are_refused_before_training(tmp_path, capsys):
+    """Named in the error, with nothing written: no data folder, no checkpoint folder."""
+    config = write_node_config(tmp_path, 11112, TEST_PEERS)
+    code = main(["train", "--config", str(config), "--hard-negative-steps", "300", "--hard-negative-cycles", "7",
+                 "--out", str(tmp_path / "model"), "--data", str(tmp_path / "data")])
+    assert code == 2 and "must be a multiple of hard_negative_cycles (7)" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists() and not (tmp_path / "data").exists()

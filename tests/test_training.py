@@ -238,11 +238,53 @@ def test_the_hard_negative_phase_draws_mined_slices_and_resumes_exactly(tmp_path
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_hard_negative_cycles_restart_mine_again_and_end_on_their_mean_weights(tmp_path):
+    """With two cycles the rate restarts at each cycle's start and the slices are mined again there from the
+    weights of that moment; with ``average_cycles`` the model ends holding the mean of the weights at the two
+    cycles' ends, also when stopped inside the second cycle and resumed."""
+    from inference.model.builtin import BuiltinModel
+    from tests.conftest import TINY, tiny_card
+    from training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(steps=2, batch_size=4, checkpoint_every=1, warmup_steps=1, hard_negative_steps=4,
+                         hard_negative_cycles=2, average_cycles=True, hard_negative_pixels=1)
+    architecture = TINY | {"decision": "decoder", "detail_width": 8, "context_slices": 1}
+
+    def fresh():
+        torch.manual_seed(0)
+        return BuiltinModel.new(tiny_card(architecture=architecture))
+
+    rates = [Trainer(fresh(), tiny_training_set(1), config, tmp_path / "r")._factor(step) for step in range(6)]
+    assert rates[2] == rates[4] == pytest.approx(config.hard_negative_learning_rate)
+    assert rates[2] > rates[3] >= 0.05 and rates[4] > rates[5] >= 0.05
+    straight = Trainer(fresh(), tiny_training_set(1), config, tmp_path / "a")
+    mined_at, ends = [], []
+    mine, add = straight.mine, straight.add_to_average
+    straight.mine = lambda: mined_at.append(straight.step) or mine()
+    straight.add_to_average = lambda: ends.append({k: v.clone() for k, v in
+                                                   straight.model.network.trainable_state_dict().items()}) or add()
+    straight.train(progress=False)
+    assert mined_at == [2, 4] and straight.hard_cycle == 1 and len(ends) == straight.averaged == 2
+    final = straight.model.network.trainable_state_dict()
+    moved = [k for k in final if final[k].is_floating_point() and not torch.equal(ends[0][k], ends[1][k])]
+    assert moved  # the two ends differ, so their mean is neither
+    for k in moved:
+        torch.testing.assert_close(final[k], (ends[0][k] + ends[1][k]) / 2, msg=k)
+    interrupted = Trainer(fresh(), tiny_training_set(1), config, tmp_path / "b")
+    interrupted.train(progress=False, until=5)  # killed inside the second cycle, after its mining
+    resumed = Trainer(fresh(), tiny_training_set(1), config, tmp_path / "b")
+    assert resumed.resume() and resumed.step == 5 and resumed.hard_cycle == 1 and resumed.averaged == 1
+    resumed.train(progress=False)
+    for name, value in resumed.model.network.trainable_state_dict().items():
+        torch.testing.assert_close(value, final[name], msg=name)
+
+
 def test_train_config_refuses_a_meaningless_hard_negative_phase():
     from training.trainer import TrainConfig
 
     for bad in ({"hard_negative_steps": -1}, {"hard_negative_fraction": 1.5}, {"hard_negative_pixels": 0},
-                {"hard_negative_learning_rate": 0.0}):
+                {"hard_negative_learning_rate": 0.0}, {"hard_negative_steps": 300, "hard_negative_cycles": 7},
+                {"hard_negative_cycles": 0}, {"average_cycles": True}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 

@@ -35,7 +35,7 @@ def query_mask_pixels(network: GroundedSegmenter, embeddings: torch.Tensor, deta
             if detail_inputs is not None:
                 detail = network.detail_features(torch.from_numpy(detail_inputs[start:start + batch_size]).float().to(device))
             logits, _ = network.decode_masks(chunk, network.query_states(chunk, question), detail)
-        counts.append((logits.float() > network.config.mask_logit).sum(dim=(1, 2)).cpu().numpy())
+        counts.append(network.mask_pixels(logits).cpu().numpy())
     return np.concatenate(counts) if counts else np.zeros(0, int)
 
 

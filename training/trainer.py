@@ -4,7 +4,11 @@ decoder, the paper's loss (L_text + 2 BCE + 0.5 Dice), resumable checkpoints, fi
 Batches hold one modality (the question names it) and about ``positive_fraction`` slices with a finding.
 With ``hard_negative_steps`` the schedule has a second, short phase after ``steps``: every clear training
 slice is scored once (``training.hard_negatives``) and part of each batch's clear slices is drawn from those
-on which the model still draws a lesion, at a restarted, lower learning rate.
+on which the model still draws a lesion, at a restarted, lower learning rate. With ``hard_negative_cycles``
+the phase is that many equal cycles, each restarting the rate and mining again from the weights at its
+start; with ``average_cycles`` the final weights are the mean of the weights at each cycle's end (snapshot
+averaging: each cycle ends at a low rate in a different point of the same basin, and their mean is less
+noisy than any one of them).
 
 Every ``checkpoint_every`` steps the trainable weights, the optimiser, the schedule, the step and the random
 states go to ``state.pt`` in the output folder (atomically); ``resume`` continues from there exactly.
@@ -54,6 +58,8 @@ class TrainConfig:
     hard_negative_fraction: float = 0.5
     hard_negative_pixels: int = 5
     hard_negative_learning_rate: float = 0.2  # the phase restarts at this fraction of the learning rates
+    hard_negative_cycles: int = 1  # the phase as this many equal cosine cycles, each restarted and mined again
+    average_cycles: bool = False  # the final weights: the mean of the weights at each cycle's end
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.hard_negative_steps < 0:
@@ -62,10 +68,23 @@ class TrainConfig:
             raise ValueError("hard_negative_fraction must lie in [0, 1] and hard_negative_learning_rate in (0, 1]")
         if self.hard_negative_pixels < 1:
             raise ValueError("hard_negative_pixels must be at least 1")
+        if self.hard_negative_cycles < 1 or self.hard_negative_steps % self.hard_negative_cycles:
+            raise ValueError(f"hard_negative_steps ({self.hard_negative_steps}) must be a multiple of "
+                             f"hard_negative_cycles ({self.hard_negative_cycles}), which must be at least 1")
+        if self.average_cycles and not self.hard_negative_steps:
+            raise ValueError("average_cycles averages the ends of the hard-negative cycles: it needs hard_negative_steps")
 
     @property
     def total_steps(self) -> int:
         return self.steps + self.hard_negative_steps
+
+    @property
+    def cycle_steps(self) -> int:
+        return max(self.hard_negative_steps // self.hard_negative_cycles, 1)
+
+    def cycle(self, step: int) -> int:
+        """The hard-negative cycle that step ``step`` (0-based, at or after ``steps``) belongs to."""
+        return (step - self.steps) // self.cycle_steps
 
 
 @dataclass
@@ -114,12 +133,15 @@ class Trainer:
         self.pools = {(m, p): data.indices(m, p) for m in self.modalities for p in (True, False)}
         self.history: list[dict] = []
         self.hard: dict[str, np.ndarray] | None = None  # modality -> hard clear slices, once mined
+        self.hard_cycle = 0  # the cycle ``hard`` was mined for
+        self.average: dict[str, torch.Tensor] | None = None  # sum of the weights at the cycles' ends so far
+        self.averaged = 0  # how many ends that sum holds
         if config.autocast and not native_bf16(model.device):
             logger.warning("bf16 autocast on %s, which has no native bf16: training will be several times slower", model.device)
 
     def _factor(self, step: int) -> float:
-        if step >= self.config.steps:  # the hard-negative phase: a short cosine from a lower restart
-            progress = (step - self.config.steps) / max(self.config.hard_negative_steps, 1)
+        if step >= self.config.steps:  # the hard-negative phase: short cosines from a lower restart
+            progress = ((step - self.config.steps) % self.config.cycle_steps) / self.config.cycle_steps
             start = self.config.hard_negative_learning_rate
             return 0.05 + (start - 0.05) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if step < self.config.warmup_steps:
@@ -138,6 +160,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.history = state["step"], state["history"]
         self.hard = {m: np.asarray(v, int) for m, v in state["hard"].items()} if state.get("hard") is not None else None
+        self.hard_cycle = state.get("hard_cycle", 0)
+        self.average, self.averaged = state.get("average"), state.get("averaged", 0)
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         logger.info("resumed at step %d of %d", self.step, self.config.total_steps)
@@ -150,6 +174,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(), "step": self.step, "history": self.history,
             "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "hard": None if self.hard is None else {m: v.tolist() for m, v in self.hard.items()},
+            "hard_cycle": self.hard_cycle, "average": self.average, "averaged": self.averaged,
         }
         temporary = self.out / (STATE_FILE + ".tmp")
         torch.save(state, temporary)
@@ -179,16 +204,37 @@ class Trainer:
                         len(self.pools[(m, False)]), self.config.hard_negative_pixels)
         return hard
 
+    def add_to_average(self) -> None:
+        """Add the weights as they are now to the cycles' sum (floating-point tensors; others keep the last)."""
+        weights = {k: v.detach().float().clone() if v.is_floating_point() else v.clone()
+                   for k, v in self.model.network.trainable_state_dict().items()}
+        if self.average is None:
+            self.average = weights
+        else:
+            for k, v in weights.items():
+                self.average[k] = self.average[k] + v if v.is_floating_point() else v
+        self.averaged += 1
+
+    def averaged_weights(self) -> dict[str, torch.Tensor]:
+        """The mean of the weights at the cycles' ends (each in its parameter's own dtype)."""
+        if not self.average:
+            raise RuntimeError("no cycle has ended yet: there is nothing to average")
+        current = self.model.network.trainable_state_dict()
+        return {k: (v / self.averaged).to(current[k].dtype) if v.is_floating_point() else v
+                for k, v in self.average.items()}
+
     def train(self, progress: bool = True, until: int | None = None) -> list[dict]:
-        """Train to ``config.total_steps`` (or stop at step ``until``, as an interruption would)."""
+        """Train to ``config.total_steps`` (or stop at step ``until``, as an interruption would); with
+        ``average_cycles`` the network ends holding the cycles' mean weights."""
         network = self.model.network
         network.train()
         network.image_encoder.eval()
         total = self.config.total_steps
         bar = tqdm(total=total, initial=self.step, desc="training", disable=not progress, unit="step")
         while self.step < min(total, until or total):
-            if self.step >= self.config.steps and self.hard is None:  # fraction 0: more steps, nothing mined
-                self.hard = self.mine() if self.config.hard_negative_fraction > 0 else {}
+            if self.step >= self.config.steps and (self.hard is None or self.hard_cycle != self.config.cycle(self.step)):
+                self.hard = self.mine() if self.config.hard_negative_fraction > 0 else {}  # fraction 0: nothing mined
+                self.hard_cycle = self.config.cycle(self.step)
             chosen = self.batch()
             samples = [self.data.samples[i] for i in chosen]
             embeddings = self.data.embeddings[chosen].float().to(self.model.device)
@@ -208,6 +254,9 @@ class Trainer:
             self.optimizer.step()
             self.schedule.step()
             self.step += 1
+            if (self.config.average_cycles and self.step > self.config.steps
+                    and (self.step - self.config.steps) % self.config.cycle_steps == 0):
+                self.add_to_average()
             self.history.append({"step": self.step, "loss": float(parts.total.detach()), "text": parts.text,
                                  "bce": parts.bce, "dice": parts.dice, "clear_bce": parts.clear_bce,
                                  "presence": parts.presence})
@@ -216,5 +265,8 @@ class Trainer:
             if self.step % self.config.checkpoint_every == 0 or self.step in (self.config.steps, total):
                 self.save_state()
         bar.close()
+        if self.config.average_cycles and self.step == total:
+            network.load_state_dict(self.averaged_weights(), strict=False)
+            logger.info("final weights: the mean of the %d hard-negative cycles' ends", self.averaged)
         network.eval()
         return self.history

@@ -231,7 +231,7 @@ class BuiltinModel:
                                                          mirrored_detail)
             logits = average_logits(logits, other.flip(-1))
             iou = (iou + other_iou) / 2
-        finding = (logits > config.mask_logit).sum(dim=(1, 2)) >= config.min_mask_pixels
+        finding = self.network.mask_pixels(logits) >= config.min_mask_pixels
         if config.presence:
             finding &= self.network.mask_scores(iou) >= config.presence_threshold
         found = torch.nonzero(finding).flatten().tolist()

@@ -273,6 +273,11 @@ class GroundedSegmenter(nn.Module):
             return logits.argmax(dim=-1)
         return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
 
+    def mask_pixels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Pixels above ``mask_threshold`` in each of (n, h, w) mask logits: (n,). The one count by which the
+        node decides that a slice has a finding and the hard-negative miner that a clear slice is hard."""
+        return (logits.float() > self.config.mask_logit).sum(dim=(1, 2))
+
     def decode_masks(self, embeddings: torch.Tensor, seg_hidden: torch.Tensor,
                      detail: DetailFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 256, 64, 64) image embeddings and (n, hidden) [SEG] states -> mask logits (n, 256, 256) and
