@@ -82,9 +82,9 @@ class TrainConfig:
     def cycle_steps(self) -> int:
         return max(self.hard_negative_steps // self.hard_negative_cycles, 1)
 
-    def cycle(self, step: int) -> int:
-        """The hard-negative cycle that step ``step`` (0-based, at or after ``steps``) belongs to."""
-        return (step - self.steps) // self.cycle_steps
+    def cycle_start(self, step: int) -> bool:
+        """Whether ``step`` (0-based) starts a hard-negative cycle, which is also where the one before it ends."""
+        return step >= self.steps and (step - self.steps) % self.cycle_steps == 0
 
 
 @dataclass
@@ -133,7 +133,6 @@ class Trainer:
         self.pools = {(m, p): data.indices(m, p) for m in self.modalities for p in (True, False)}
         self.history: list[dict] = []
         self.hard: dict[str, np.ndarray] | None = None  # modality -> hard clear slices, once mined
-        self.hard_cycle = 0  # the cycle ``hard`` was mined for
         self.average: dict[str, torch.Tensor] | None = None  # sum of the weights at the cycles' ends so far
         self.averaged = 0  # how many ends that sum holds
         if config.autocast and not native_bf16(model.device):
@@ -160,7 +159,6 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.history = state["step"], state["history"]
         self.hard = {m: np.asarray(v, int) for m, v in state["hard"].items()} if state.get("hard") is not None else None
-        self.hard_cycle = state.get("hard_cycle", 0)
         self.average, self.averaged = state.get("average"), state.get("averaged", 0)
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -174,7 +172,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(), "step": self.step, "history": self.history,
             "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "hard": None if self.hard is None else {m: v.tolist() for m, v in self.hard.items()},
-            "hard_cycle": self.hard_cycle, "average": self.average, "averaged": self.averaged,
+            "average": self.average, "averaged": self.averaged,
         }
         temporary = self.out / (STATE_FILE + ".tmp")
         torch.save(state, temporary)
@@ -232,9 +230,8 @@ class Trainer:
         total = self.config.total_steps
         bar = tqdm(total=total, initial=self.step, desc="training", disable=not progress, unit="step")
         while self.step < min(total, until or total):
-            if self.step >= self.config.steps and (self.hard is None or self.hard_cycle != self.config.cycle(self.step)):
+            if self.step >= self.config.steps and (self.hard is None or self.config.cycle_start(self.step)):
                 self.hard = self.mine() if self.config.hard_negative_fraction > 0 else {}  # fraction 0: nothing mined
-                self.hard_cycle = self.config.cycle(self.step)
             chosen = self.batch()
             samples = [self.data.samples[i] for i in chosen]
             embeddings = self.data.embeddings[chosen].float().to(self.model.device)
@@ -254,8 +251,7 @@ class Trainer:
             self.optimizer.step()
             self.schedule.step()
             self.step += 1
-            if (self.config.average_cycles and self.step > self.config.steps
-                    and (self.step - self.config.steps) % self.config.cycle_steps == 0):
+            if self.config.average_cycles and self.step > self.config.steps and self.config.cycle_start(self.step):
                 self.add_to_average()
             self.history.append({"step": self.step, "loss": float(parts.total.detach()), "text": parts.text,
                                  "bce": parts.bce, "dice": parts.dice, "clear_bce": parts.clear_bce,
