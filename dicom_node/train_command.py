@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from dicom_node.config import NodeConfig
 
@@ -42,6 +43,10 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
                             "modalities or per modality, e.g. CT=2,MR=3 (default 2)")
+    train.add_argument("--aligned-overlap", type=aligned_overlap_argument, metavar="F|MOD=F,...",
+                       help="the model's operating point: a lesion on fewer slices than --min-lesion-slices, but at "
+                            "least two, is kept when its consecutive slice masks overlap by this fraction of the "
+                            "smaller, for all modalities or per modality, e.g. CT=0.9 (default: never kept)")
     train.add_argument("--min-mask-pixels", type=int, metavar="PIXELS",
                        help="the model's operating point: the smallest first mask, in model-grid pixels, that makes a "
                             "slice's answer a finding (GroundedConfig.min_mask_pixels); default: the trainer's, 5")
@@ -115,7 +120,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version, config=train_config, resume=args.resume,
-                           min_lesion_slices=args.min_lesion_slices, mirror=args.mirror, progress=not args.quiet,
+                           min_lesion_slices=args.min_lesion_slices, aligned_lesion_overlap=args.aligned_overlap,
+                           mirror=args.mirror, progress=not args.quiet,
                            architecture=architecture, encoder_precision=args.encoder_precision,
                            device=config.jobs.device, description="; ".join(described),
                            command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
@@ -149,18 +155,31 @@ def count_argument(least: int) -> Callable[[str], int]:
         return value
     return parse
 
+Number = TypeVar("Number", int, float)
+
 
 def lesion_slices_argument(text: str) -> int | dict[str, int]:
     """"2" -> 2; "CT=2,MR=3" -> {"CT": 2, "MR": 3} (ModelCard.min_lesion_slices)."""
+    return _per_modality(text, int, lambda v: v >= 1, "N", "CT=2,MR=3", "every slice count must be at least 1")
+
+
+def aligned_overlap_argument(text: str) -> float | dict[str, float]:
+    """"0.9" -> 0.9; "CT=0.9" -> {"CT": 0.9} (ModelCard.aligned_lesion_overlap)."""
+    return _per_modality(text, float, lambda v: 0 < v <= 1, "F", "CT=0.9", "every overlap must be above 0 and at most 1")
+
+
+def _per_modality(text: str, convert: Callable[[str], Number], valid: Callable[[Number], bool], name: str,
+                  example: str, rule: str) -> Number | dict[str, Number]:
+    """One value for all modalities, or MODALITY=value pairs (modalities upper-cased), each checked by ``valid``."""
     try:
         if "=" not in text:
-            value: int | dict[str, int] = int(text)
+            value: Number | dict[str, Number] = convert(text)
         else:
-            value = {name.strip().upper(): int(number) for name, number in (part.split("=", 1) for part in text.split(","))}
+            value = {modality.strip().upper(): convert(number) for modality, number in (part.split("=", 1) for part in text.split(","))}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or MODALITY=N,... (e.g. CT=2,MR=3), not {text!r}") from None
-    if any(v < 1 for v in (value.values() if isinstance(value, dict) else [value])):
-        raise argparse.ArgumentTypeError(f"every slice count must be at least 1 (N or MODALITY=N,..., e.g. CT=2,MR=3): {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {name} or MODALITY={name},... (e.g. {example}), not {text!r}") from None
+    if not all(valid(v) for v in (value.values() if isinstance(value, dict) else [value])):
+        raise argparse.ArgumentTypeError(f"{rule} ({name} or MODALITY={name},..., e.g. {example}): {text!r}")
     return value
 
 

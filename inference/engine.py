@@ -19,7 +19,8 @@ import numpy as np
 
 from inference.findings import Lesion, SliceFinding, aggregate
 from inference.model.detail import context_indices
-from inference.model.protocol import GroundedModel, Interpretation, min_lesion_slices, recognition_question
+from inference.model.protocol import (GroundedModel, Interpretation, aligned_lesion_overlap, min_lesion_slices,
+                                      recognition_question)
 from inference.preprocess import SlicePreparer, SliceTransform
 from inference.reliability import level, semantic_entropy
 from inference.slicing import Volume
@@ -84,7 +85,8 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
                 observe(k, interpretation, preparer.transform)
             findings.extend(_slice_findings(k, interpretation, preparer.transform, model, config))
     interpreted = time.perf_counter()
-    lesions = aggregate(volume, findings, config.min_volume_ml, min_lesion_slices(model, volume.modality))
+    lesions = aggregate(volume, findings, config.min_volume_ml, min_lesion_slices(model, volume.modality),
+                        aligned_lesion_overlap(model, volume.modality))
     done = time.perf_counter()
     skipped = len(volume.sources) - len(selected)
     logger.info("series %s: %d slices interpreted, %d skipped, %d lesions", volume.series_instance_uid,

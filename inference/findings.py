@@ -5,7 +5,8 @@ mask and split into connected components (26-connected) by SimpleITK. Each lesio
 (voxel count times in-plane pixel area times the slice thickness it occupies, from the true slice positions,
 so uneven spacing is measured correctly), its largest axial diameter in mm, its slice range, the source
 instances it touches, and a reliability: the worst level among its slices, with the mean predicted mask IoU.
-Components smaller than ``min_volume_ml``, or on fewer slices than the model's ``min_lesion_slices``, are dropped.
+Components smaller than ``min_volume_ml``, or on fewer slices than the model's ``min_lesion_slices``, are dropped,
+unless the model's ``aligned_lesion_overlap`` keeps a short one whose slice masks lie on top of each other.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ class Lesion:
 
 
 def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float = 0.05,
-              min_slices: int = 1) -> list[Lesion]:
+              min_slices: int = 1, aligned_overlap: float | None = None) -> list[Lesion]:
     """3D lesions, largest first; a component seen on fewer than ``min_slices`` slices is dropped (a model's
-    operating point: a real lesion in 5 mm slices usually spans two, a spot on one slice is mostly noise)."""
+    operating point: a real lesion in 5 mm slices usually spans two, a spot on one slice is mostly noise),
+    unless ``aligned_overlap`` is set and it spans at least two slices whose masks are aligned (``aligned``):
+    a small compact lesion on two thick slices is seen in the same place on both, where the false findings a
+    slice rule removes (organ tips in partial volume, gas) mostly shift or change shape between slices."""
     lesions: list[Lesion] = []
     for label in sorted({f.label for f in findings}):
         of_label = [f for f in findings if f.label == label]
@@ -65,7 +69,9 @@ def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float
         for number in range(1, int(components.max()) + 1):
             mask = components == number
             lesion = _lesion(volume, label, mask, of_label)
-            if lesion.volume_ml >= min_volume_ml and lesion.slice_count >= min_slices:
+            long_enough = lesion.slice_count >= min_slices or (
+                aligned_overlap is not None and lesion.slice_count >= 2 and aligned(mask, aligned_overlap))
+            if lesion.volume_ml >= min_volume_ml and long_enough:
                 lesions.append(lesion)
     return sorted(lesions, key=lambda l: -l.volume_ml)
 
@@ -86,6 +92,17 @@ def _lesion(volume: Volume, label: str, mask: np.ndarray, findings: list[SliceFi
         mean_score=float(np.mean([f.score for f in touching])) if touching else 0.0,
         texts=sorted({f.text for f in touching if f.text}),
     )
+
+
+def aligned(mask: np.ndarray, overlap: float) -> bool:
+    """Whether every two consecutive slices of a (z, y, x) mask overlap in-plane by at least ``overlap`` of the
+    smaller of their two masks (1.0: one lies wholly inside the other)."""
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    for a, b in zip(slices[:-1], slices[1:]):
+        smaller = min(int(mask[a].sum()), int(mask[b].sum()))
+        if b != a + 1 or (mask[a] & mask[b]).sum() < overlap * smaller:
+            return False
+    return True
 
 
 def mask_volume_ml(volume: Volume, mask: np.ndarray) -> float:

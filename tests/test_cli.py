@@ -70,6 +70,22 @@ def test_the_operating_point_is_given_for_all_modalities_or_per_modality(text, v
     assert lesion_slices_argument(text) == value
 
 
+@pytest.mark.parametrize("text,value", [("0.9", 0.9), ("CT=0.9", {"CT": 0.9}), ("ct=1,MR=0.5", {"CT": 1.0, "MR": 0.5})])
+def test_the_aligned_overlap_is_given_for_all_modalities_or_per_modality(text, value):
+    from dicom_node.train_command import aligned_overlap_argument
+
+    assert aligned_overlap_argument(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "CT=-0.1", "CT", "CT=high", "CT=0.9,MR"])
+def test_an_aligned_overlap_outside_0_to_1_or_malformed_is_a_usage_error(text, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--synthetic", "--aligned-overlap", text, "--out", str(tmp_path / "model")])
+    assert exit_.value.code == 2
+    assert "--aligned-overlap" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
+
 def test_presence_is_off_unless_asked_for_and_a_threshold_must_be_a_probability(capsys):
     from dicom_node.train_command import TrainingArgumentError, presence_argument, training_architecture
     from inference.model.grounded import GroundedConfig

@@ -74,6 +74,15 @@ def test_the_operating_point_of_the_series_modality_applies(operating_point, kep
     assert bool(interpret_volume(ct_volume(), model).lesions) is kept
 
 
+@pytest.mark.parametrize("overlap,kept", [(None, False), ({"MR": 0.9}, False), ({"CT": 0.9}, True), (0.9, True)])
+def test_a_short_aligned_lesion_is_kept_where_the_series_modality_allows_it(overlap, kept):
+    """The lesion spans 4 slices, in the same place on each: 5 slices are required, but an aligned-overlap
+    rule for CT (or for all modalities) keeps it."""
+    model = ThresholdModel()
+    model.min_lesion_slices, model.aligned_lesion_overlap = {"CT": 5}, overlap
+    assert bool(interpret_volume(ct_volume(), model).lesions) is kept
+
+
 def test_series_outside_scope_is_not_assessed_never_no_findings():
     volume = ct_volume()
     volume.modality = "MR"

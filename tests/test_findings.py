@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from inference.findings import SliceFinding, aggregate, largest_diameter_mm
+from inference.findings import SliceFinding, aggregate, aligned, largest_diameter_mm
 from inference.model.card import ReliabilityPolicy
 from inference.model.protocol import Answer
 from inference.reliability import Reliability, level, semantic_entropy
@@ -89,6 +89,31 @@ def test_a_model_can_require_a_lesion_on_two_slices():
     assert len(aggregate(v, findings, min_volume_ml=0.0)) == 2
     [kept] = aggregate(v, findings, min_volume_ml=0.0, min_slices=2)
     assert kept.slice_range == (2, 3) and kept.slice_count == 2
+
+
+def test_a_short_lesion_is_kept_only_where_its_slices_are_aligned():
+    """A compact lesion on two thick slices lies in the same place on both; an organ tip or gas shifts."""
+    v = volume()
+    aligned_pair = [SliceFinding(k, "Kidney tumor", disc((40, 40), (10, 10), r), 0.9, Reliability.HIGH)
+                    for k, r in ((2, 5), (3, 4))]  # the smaller disc lies wholly inside the larger
+    shifted_pair = [SliceFinding(k, "Kidney tumor", disc((40, 40), (30, c), 4), 0.9, Reliability.HIGH)
+                    for k, c in ((6, 26), (7, 31))]  # touching, but only partly on top of each other
+    single = [SliceFinding(9, "Kidney tumor", disc((40, 40), (30, 10), 6), 0.9, Reliability.HIGH)]
+    findings = aligned_pair + shifted_pair + single
+    assert len(aggregate(v, findings, min_volume_ml=0.0, min_slices=3)) == 0
+    [kept] = aggregate(v, findings, min_volume_ml=0.0, min_slices=3, aligned_overlap=0.9)
+    assert kept.slice_range == (2, 3)
+    loose = aggregate(v, findings, min_volume_ml=0.0, min_slices=3, aligned_overlap=0.1)
+    assert sorted(l.slice_range for l in loose) == [(2, 3), (6, 7)]  # a single slice is never "aligned"
+
+
+def test_alignment_is_the_overlap_of_consecutive_slices_over_the_smaller_mask():
+    stack = np.zeros((4, 20, 20), bool)
+    stack[1, 2:12, 2:12] = True  # 100 pixels
+    stack[2, 2:12, 7:17] = True  # 100 pixels, half on top of slice 1
+    assert aligned(stack, 0.5) and not aligned(stack, 0.51)
+    stack[3, 0:2, 0:2] = True  # a third slice touching nothing of slice 2
+    assert not aligned(stack, 0.01)
 
 
 def test_uneven_spacing_is_measured_from_true_positions():

@@ -151,6 +151,17 @@ def test_a_card_refuses_an_impossible_operating_point(operating_point):
     assert tiny_card(min_lesion_slices={"CT": 2, "MR": 3}).min_lesion_slices == {"CT": 2, "MR": 3}
 
 
+@pytest.mark.parametrize("overlap", [0, 1.5, {"CT": -0.2}, {"CT": "0.9"}])
+def test_a_card_refuses_an_aligned_overlap_outside_0_to_1(overlap):
+    from inference.model.card import ModelCard
+    from tests.conftest import tiny_card
+
+    with pytest.raises(ValueError, match="aligned_lesion_overlap"):
+        tiny_card(aligned_lesion_overlap=overlap)
+    card = tiny_card(min_lesion_slices={"CT": 3}, aligned_lesion_overlap={"CT": 0.9})
+    assert ModelCard.from_json(card.to_json()).aligned_lesion_overlap == {"CT": 0.9}  # the card keeps the point
+
+
 @pytest.mark.parametrize("change", [{"decision": "vote"}, {"min_mask_pixels": 0}, {"mask_threshold": 0.0}, {"mask_threshold": 1.0},
                                     {"presence_threshold": 1.0}, {"presence_threshold": -0.1}, {"mirror": True},
                                     {"detail_width": 6}, {"detail_width": -4}, {"context_slices": 1},

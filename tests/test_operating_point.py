@@ -44,9 +44,29 @@ def test_each_point_filters_the_loose_pass_as_the_node_would():
     assert strict.sensitivity == 0.0 and strict.finding_accuracy == 9 / 12  # the lesion's 3 slices missed
 
 
+def test_a_point_can_keep_short_lesions_whose_slices_are_aligned():
+    passes = [_pass()]
+    assert score_point(passes, "CT", 1, 4).sensitivity == 0.0  # the lesion spans 3 slices
+    kept = score_point(passes, "CT", 1, 4, aligned_overlap=0.9)  # its masks are the same on all 3
+    assert (kept.sensitivity, kept.false_positives_per_volume, kept.aligned_overlap) == (1.0, 0.0, 0.9)
+    scores = [score_point(passes, "CT", 1, 4, aligned_overlap=o) for o in (None, 0.5, 0.9)]
+    assert choose(scores, max_false_positives=0.2).aligned_overlap == 0.5  # as sensitive: the loosest
+
+
 def test_the_choice_is_the_most_sensitive_point_within_the_false_positive_budget():
     passes = [_pass()]
     scores = [score_point(passes, "CT", pixels, slices) for pixels in (1, 10, 50) for slices in (1, 2, 4)]
     best = choose(scores, max_false_positives=0.2)
     assert (best.min_mask_pixels, best.min_lesion_slices) == (10, 1)  # sensitive, no false positive, loosest
     assert choose(scores, max_false_positives=-1).false_positives_per_volume == 0.0  # none within: fewest
+
+
+def test_among_equally_sensitive_points_the_one_with_fewer_false_positives_is_chosen():
+    """The spot moved onto a slice of the lesion: keeping it changes no slice's answer, only adds a lesion."""
+    series = _pass()
+    spot = series.findings.pop()
+    series.findings.append(SliceFinding(5, spot.label, spot.mask, spot.score, spot.reliability))
+    loose, strict = score_point([series], "CT", 1, 1), score_point([series], "CT", 1, 2)
+    assert (loose.sensitivity, loose.finding_accuracy) == (strict.sensitivity, strict.finding_accuracy)
+    assert (loose.false_positives_per_volume, strict.false_positives_per_volume) == (1.0, 0.0)
+    assert choose([loose, strict], max_false_positives=1.0) == strict

@@ -463,9 +463,11 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     config_path = write_node_config(tmp_path / "node", 11112, [], extra='\n[[routes]]\nname = "all"\nmodel = "active"\n')
     out = tmp_path / "model"
     assert main(["train", "--folder", str(tmp_path / "data"), "--steps", "2", "--out", str(out), "--version", "v-test",
-                 "--mirror", "--quiet", "--config", str(config_path)]) == 0
+                 "--mirror", "--min-lesion-slices", "CT=3", "--aligned-overlap", "CT=0.75", "--quiet",
+                 "--config", str(config_path)]) == 0
     card = json.loads((out / "model_card.json").read_text())
     assert card["version"] == "v-test" and card["findings"] == ["Liver tumor"]
+    assert (card["min_lesion_slices"], card["aligned_lesion_overlap"]) == ({"CT": 3}, {"CT": 0.75})  # the operating point
     assert card["metrics"]["training"]["subjects"] == 1 and card["metrics"]["CT"]["volumes"] == 1
     # --mirror: the subject's 4 slices and their mirrored copies trained; the model averages with the mirror
     assert card["metrics"]["training"]["slices"] == 8 and card["architecture"]["mirror"] is True

@@ -4,10 +4,12 @@ The operating point is what turns the decoder's masks into reported lesions: the
 pixel is in a mask (``mask_threshold``: each value needs its own pass), the smallest first mask that
 makes a slice's answer a finding (``min_mask_pixels``, in model-grid pixels; with ``decision = "decoder"``
 the first mask is the decoder's answer to the "It is [SEG]" query), the least presence probability of that
-first mask (``presence_threshold``, for models with ``presence``) and the fewest slices a 3D lesion must
-span (``min_lesion_slices``, per modality). One engine pass per series at the loosest point (1 pixel,
-presence 0, 1 slice) records every slice's findings and the size and presence of its first mask; any stricter
-point is then a filter on those, scored as ``training.evaluate`` scores the held-out split.
+first mask (``presence_threshold``, for models with ``presence``), the fewest slices a 3D lesion must
+span (``min_lesion_slices``, per modality) and the slice overlap that keeps a shorter lesion of at least two
+aligned slices (``aligned_lesion_overlap``, per modality; None: none is kept). One engine pass per series
+at the loosest point (1 pixel, presence 0, 1 slice) records every slice's findings and the size and presence
+of its first mask; any stricter point is then a filter on those, scored as ``training.evaluate`` scores the
+held-out split.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class PointScore:
     false_positives_per_volume: float
     mean_dice_detected: float
     finding_accuracy: float
+    aligned_overlap: float | None = None
 
 
 @contextmanager
@@ -62,14 +65,15 @@ def _loosest(model: BuiltinModel, mask_threshold: float) -> Iterator[None]:
     """The model at 1 pixel, presence 0 and 1 slice, without reliability samples (they do not change the
     findings)."""
     network = model.network
-    saved = network.config, model.min_lesion_slices, model.reliability
+    saved = network.config, model.min_lesion_slices, model.aligned_lesion_overlap, model.reliability
     network.config = dataclasses.replace(network.config, min_mask_pixels=1, mask_threshold=mask_threshold,
                                          presence_threshold=0.0)
-    model.min_lesion_slices, model.reliability = 1, dataclasses.replace(model.reliability, samples=0)
+    model.min_lesion_slices, model.aligned_lesion_overlap = 1, None
+    model.reliability = dataclasses.replace(model.reliability, samples=0)
     try:
         yield
     finally:
-        network.config, model.min_lesion_slices, model.reliability = saved
+        network.config, model.min_lesion_slices, model.aligned_lesion_overlap, model.reliability = saved
 
 
 def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: EmbeddingCache | None = None,
@@ -102,7 +106,8 @@ def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: Embed
 
 
 def score_point(passes: list[SeriesPass], modality: str, min_mask_pixels: int, min_lesion_slices: int,
-                presence_threshold: float = 0.0, min_volume_ml: float = EngineConfig.min_volume_ml) -> PointScore:
+                presence_threshold: float = 0.0, min_volume_ml: float = EngineConfig.min_volume_ml,
+                aligned_overlap: float | None = None) -> PointScore:
     true_lesions = detected = false_positives = 0
     dice: list[float] = []
     right = slices = 0
@@ -110,7 +115,7 @@ def score_point(passes: list[SeriesPass], modality: str, min_mask_pixels: int, m
     for series in chosen:
         kept = [f for f in series.findings if series.first_mask_pixels.get(f.slice_index, 0) >= min_mask_pixels
                 and series.first_presence.get(f.slice_index, 0.0) >= presence_threshold]
-        lesions = aggregate(series.volume, kept, min_volume_ml, min_lesion_slices)
+        lesions = aggregate(series.volume, kept, min_volume_ml, min_lesion_slices, aligned_overlap)
         score = score_lesions(series.truth, [lesion.mask for lesion in lesions])
         true_lesions, detected = true_lesions + score.true_lesions, detected + score.detected
         false_positives += score.false_positives
@@ -123,14 +128,20 @@ def score_point(passes: list[SeriesPass], modality: str, min_mask_pixels: int, m
                       round(detected / true_lesions, 4) if true_lesions else float("nan"),
                       round(false_positives / max(len(chosen), 1), 4),
                       round(float(np.mean(dice)), 4) if dice else float("nan"),
-                      round(right / max(slices, 1), 4))
+                      round(right / max(slices, 1), 4), aligned_overlap)
 
 
 def choose(scores: list[PointScore], max_false_positives: float) -> PointScore:
-    """The most sensitive point within the false-positive budget (then the most accurate, then the loosest);
-    if none is within it, the point with the fewest false positives."""
+    """The most sensitive point within the false-positive budget (then the one with the fewest false positives,
+    then the most accurate, then the loosest); if none is within it, the point with the fewest false positives."""
     within = [s for s in scores if s.false_positives_per_volume <= max_false_positives]
     if within:
-        return max(within, key=lambda s: (s.sensitivity, s.finding_accuracy, s.mean_dice_detected, -s.min_lesion_slices,
-                                          -s.min_mask_pixels, -s.presence_threshold))
+        return max(within, key=lambda s: (s.sensitivity, -s.false_positives_per_volume, s.finding_accuracy,
+                                          s.mean_dice_detected, -s.min_lesion_slices,
+                                          -s.min_mask_pixels, -s.presence_threshold, -_strictness(s.aligned_overlap)))
     return min(scores, key=lambda s: (s.false_positives_per_volume, -s.sensitivity))
+
+
+def _strictness(aligned_overlap: float | None) -> float:
+    """How few short lesions an aligned-overlap rule keeps: none at all without the rule."""
+    return 2.0 if aligned_overlap is None else aligned_overlap

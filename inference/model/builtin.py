@@ -65,6 +65,7 @@ class BuiltinModel:
         self.normalization = card.normalization
         self.reliability = card.reliability
         self.min_lesion_slices = card.min_lesion_slices
+        self.aligned_lesion_overlap = card.aligned_lesion_overlap
         self.context_slices = network.config.context_slices  # neighbours each side the engine passes (2.5D)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # compile_encoder

@@ -48,6 +48,10 @@ class ModelCard:
     # A 3D lesion must be seen on this many slices: part of the model's operating point; one number, or one
     # per modality ({"CT": 2, "MR": 3}; a modality not named: 1).
     min_lesion_slices: int | dict[str, int] = 1
+    # A lesion on fewer slices, but at least two, is still kept where its consecutive slice masks overlap by at
+    # least this fraction of the smaller (inference.findings.aligned): one value, or one per modality ({"CT":
+    # 0.9}; a modality not named, or None: no such exception). Part of the operating point too.
+    aligned_lesion_overlap: float | dict[str, float] | None = None
     # The precision the frozen encoder ran in when the model was trained, so also when it answers: bf16 and
     # fp32 embeddings of one slice differ (by up to 0.44 where their mean magnitude is 0.08), and the heads
     # learnt one of them. bf16 is about 3x faster than fp32 on CPUs with native bf16 (AVX512-BF16: 0.7 against 2.4 s a
@@ -61,6 +65,10 @@ class ModelCard:
         values = self.min_lesion_slices.values() if isinstance(self.min_lesion_slices, dict) else [self.min_lesion_slices]
         if not all(isinstance(v, int) and v >= 1 for v in values):
             raise ValueError(f"min_lesion_slices must be at least 1 (per modality or for all), not {self.min_lesion_slices!r}")
+        overlaps = self.aligned_lesion_overlap
+        fractions = [] if overlaps is None else overlaps.values() if isinstance(overlaps, dict) else [overlaps]
+        if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in fractions):
+            raise ValueError(f"aligned_lesion_overlap must be above 0 and at most 1 (per modality or for all), not {overlaps!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -94,6 +94,13 @@ def min_lesion_slices(model: GroundedModel, modality: str) -> int:
     return value if isinstance(value, int) else int(value.get(modality, 1))
 
 
+def aligned_lesion_overlap(model: GroundedModel, modality: str) -> float | None:
+    """The overlap that keeps a short lesion whose slices are aligned (ModelCard.aligned_lesion_overlap); None
+    where the model has none, for this modality or at all (adapters without a card)."""
+    value = getattr(model, "aligned_lesion_overlap", None)
+    return value.get(modality) if isinstance(value, Mapping) else value
+
+
 def parse_findings(text: str) -> list[str]:
     """One label per [SEG] in the answer; "" where the answer names none (targeted segmentation)."""
     return [normalize_finding(m.group(1)) for m in _FINDING.finditer(text)]
