@@ -155,6 +155,7 @@ def count_argument(least: int) -> Callable[[str], int]:
         return value
     return parse
 
+
 Number = TypeVar("Number", int, float)
 
 
