@@ -62,13 +62,11 @@ class ModelCard:
     def __post_init__(self) -> None:
         if self.encoder_precision not in ENCODER_PRECISIONS:
             raise ValueError(f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, not {self.encoder_precision!r}")
-        values = self.min_lesion_slices.values() if isinstance(self.min_lesion_slices, dict) else [self.min_lesion_slices]
-        if not all(isinstance(v, int) and v >= 1 for v in values):
+        if not all(isinstance(v, int) and v >= 1 for v in _settings(self.min_lesion_slices)):
             raise ValueError(f"min_lesion_slices must be at least 1 (per modality or for all), not {self.min_lesion_slices!r}")
-        overlaps = self.aligned_lesion_overlap
-        fractions = [] if overlaps is None else overlaps.values() if isinstance(overlaps, dict) else [overlaps]
-        if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in fractions):
-            raise ValueError(f"aligned_lesion_overlap must be above 0 and at most 1 (per modality or for all), not {overlaps!r}")
+        if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in _settings(self.aligned_lesion_overlap)):
+            raise ValueError("aligned_lesion_overlap must be above 0 and at most 1 (per modality or for all), "
+                             f"not {self.aligned_lesion_overlap!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -90,3 +88,10 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _settings(value: object) -> list:
+    """The values of an operating-point setting given for all modalities, per modality (a dict), or not at all."""
+    if value is None:
+        return []
+    return list(value.values()) if isinstance(value, dict) else [value]
