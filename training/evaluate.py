@@ -122,22 +122,25 @@ def read_truth(item: LabeledSeries, volume: Volume, min_volume_ml: float) -> Gro
     return GroundTruth(kept, lesions, specks)
 
 
+def pair_lesions(truth: GroundTruth, predicted: list[np.ndarray]) -> tuple[list[list[int]], list[bool]]:
+    """Per true lesion, the predicted lesions that overlap it (its detection; Dice is against their union);
+    per predicted lesion, whether it is false: it overlaps no true lesion and no speck."""
+    overlapping = [[i for i, p in enumerate(predicted) if (p & lesion).any()] for lesion in truth.lesions]
+    paired = {i for found in overlapping for i in found}
+    false = [i not in paired and not any((p & speck).any() for speck in truth.specks) for i, p in enumerate(predicted)]
+    return overlapping, false
+
+
 def score_lesions(truth: GroundTruth, predicted: list[np.ndarray]) -> LesionScore:
     """A true lesion is detected when a predicted one overlaps it; a predicted lesion that overlaps no true
-    lesion and no speck is a false positive. Each part of a true lesion is scored the same way on its own
-    (``true_parts``): where lesions lie in parts, the stricter count."""
-    hit = [any((p & speck).any() for speck in truth.specks) for p in predicted]
-    detected, dice = 0, []
-    for lesion in truth.lesions:
-        overlapping = [i for i, p in enumerate(predicted) if (p & lesion).any()]
-        if overlapping:
-            detected += 1
-            dice.append(_dice(np.any([predicted[i] for i in overlapping], axis=0), lesion))
-            for i in overlapping:
-                hit[i] = True
+    lesion and no speck is a false positive (``pair_lesions``). Each part of a true lesion is scored the same
+    way on its own (``true_parts``): where lesions lie in parts, the stricter count."""
+    overlapping, false = pair_lesions(truth, predicted)
+    dice = [dice_score(np.any([predicted[i] for i in found], axis=0), lesion)
+            for lesion, found in zip(truth.lesions, overlapping) if found]
     parts = [part for lesion in truth.lesions for part in _components(lesion)]
     found_parts = sum(any((p & part).any() for p in predicted) for part in parts)
-    return LesionScore(len(truth.lesions), detected, hit.count(False), dice, len(parts), found_parts)
+    return LesionScore(len(truth.lesions), len(dice), false.count(True), dice, len(parts), found_parts)
 
 
 def slice_reference(truth: GroundTruth, k: int) -> frozenset[str]:
@@ -172,7 +175,7 @@ def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore
             reliability = level(semantic_entropy(interpretation.samples), policy).value if interpretation.samples else ""
         else:
             predicted_mask, text, findings, reliability = np.zeros(truth_mask.shape, bool), NO_FINDINGS, frozenset(), ""
-        dice = _dice(predicted_mask, truth_mask) if truth_mask.any() else None
+        dice = dice_score(predicted_mask, truth_mask) if truth_mask.any() else None
         record.slices.append(SliceRecord(findings, reference, slice_output(result.lesions, k), text,
                                          reference_answer(labels), dice, reliability))
     score = score_lesions(truth, [lesion.mask for lesion in result.lesions])
@@ -231,7 +234,8 @@ def evaluate(items: list[LabeledSeries], model) -> dict:  # type: ignore[no-unty
     return metrics
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def dice_score(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks; 1.0 where both are empty."""
     total = int(a.sum()) + int(b.sum())
     return 2 * int((a & b).sum()) / total if total else 1.0
 

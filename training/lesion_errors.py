@@ -2,7 +2,7 @@
 
 The card's figures say how much Dice or sensitivity is missing, not where. Per true lesion this lists its size,
 how many of its slices were found, its Dice, recall and precision against the predicted lesions that overlap it
-(as ``training.evaluate.score_lesions`` pairs them), its contrast with the tissue around it, and whether the
+(paired as the card's figures pair them: ``training.evaluate.pair_lesions``), its contrast with the tissue around it, and whether the
 part that was missed is brighter or darker than the part that was found: under-segmented lesions whose
 missed part differs in intensity (a bright rim round a dark core found alone) need other training data, lesions
 cut at their ends need another slice rule, and a boundary bias all round needs another threshold. Pure
@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from inference.findings import Lesion, mask_volume_ml
 from inference.slicing import Volume
-from training.evaluate import GroundTruth
+from training.evaluate import GroundTruth, dice_score, pair_lesions
 
 RING_PX = 3  # in-plane width of the surrounding tissue a lesion's contrast is measured against
 
@@ -55,29 +55,27 @@ class FalseLesion:
 
 def lesion_errors(volume: Volume, truth: GroundTruth, predicted: list[Lesion]) -> tuple[list[LesionError], list[FalseLesion]]:
     """Each true lesion of ``truth`` against ``predicted`` (the node's 3D lesions on ``volume``), and the
-    predicted lesions that are false positives, as ``score_lesions`` counts them."""
+    predicted lesions that are false positives, as ``training.evaluate.score_lesions`` counts them."""
+    overlapping, false = pair_lesions(truth, [lesion.mask for lesion in predicted])
     errors = []
-    for mask in truth.lesions:
-        overlapping = [p.mask for p in predicted if (p.mask & mask).any()]
-        union = np.any(overlapping, axis=0) if overlapping else np.zeros(mask.shape, bool)
-        found, inside = mask & union, int((mask & union).sum())
+    for mask, paired in zip(truth.lesions, overlapping):
+        union = np.any([predicted[i].mask for i in paired], axis=0) if paired else np.zeros(mask.shape, bool)
+        found = mask & union
         errors.append(LesionError(
             label=_label(truth, mask),
             volume_ml=round(mask_volume_ml(volume, mask), 3),
             slices=int(mask.any(axis=(1, 2)).sum()),
             found_slices=int(found.any(axis=(1, 2)).sum()),
-            dice=2 * inside / (int(mask.sum()) + int(union.sum())),
-            recall=inside / int(mask.sum()),
-            precision=inside / int(union.sum()) if overlapping else float("nan"),
+            dice=dice_score(union, mask),
+            recall=int(found.sum()) / int(mask.sum()),
+            precision=int(found.sum()) / int(union.sum()) if paired else float("nan"),
             contrast=contrast(volume.voxels, mask),
             missed_minus_found=_mean(volume.voxels, mask & ~union) - _mean(volume.voxels, found),
         ))
-    hit = [lesion for lesion in predicted
-           if any((lesion.mask & m).any() for m in truth.lesions) or any((lesion.mask & s).any() for s in truth.specks)]
-    false = [FalseLesion(lesion.label, round(lesion.volume_ml, 3), lesion.slice_count, lesion.slice_range[0],
+    wrong = [FalseLesion(lesion.label, round(lesion.volume_ml, 3), lesion.slice_count, lesion.slice_range[0],
                          contrast(volume.voxels, lesion.mask))
-             for lesion in predicted if not any(lesion is h for h in hit)]
-    return errors, false
+             for lesion, is_false in zip(predicted, false) if is_false]
+    return errors, wrong
 
 
 def contrast(voxels: np.ndarray, mask: np.ndarray) -> float:
