@@ -39,6 +39,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                             "mining again (default 1)")
     train.add_argument("--average-cycles", action="store_true",
                        help="the model's weights: the mean of the weights at each hard-negative cycle's end")
+    train.add_argument("--lesion-weight", type=float, default=1.0, metavar="W",
+                       help="weight of a finding's lesion pixels in the mask BCE (pos_weight): above 1 a missed lesion "
+                            "pixel costs W times a false one (default 1, the paper's loss)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
@@ -93,7 +96,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         architecture = training_architecture(args.presence, args.mirror, args.detail, args.context, args.min_mask_pixels)
         train_config = TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
                                    hard_negative_steps=args.hard_negative_steps,
-                                   hard_negative_cycles=args.hard_negative_cycles, average_cycles=args.average_cycles)
+                                   hard_negative_cycles=args.hard_negative_cycles, average_cycles=args.average_cycles,
+                                   lesion_weight=args.lesion_weight)
     except (TrainingArgumentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -61,6 +61,21 @@ def test_loss_has_the_three_terms_and_falls(trained):
     assert learnt.text < before.text / 20 and learnt.bce < before.bce / 20 and learnt.dice < before.dice / 20
 
 
+def test_lesion_weight_multiplies_the_cost_of_lesion_pixels_alone(trained):
+    """``lesion_weight`` W (the mask BCE's pos_weight): the BCE is its background part plus W times its lesion
+    part, so a missed lesion pixel costs W times what it did; text and the clear slice's term are untouched."""
+    from training.loss import grounded_loss
+
+    model, _, embeddings, targets, _ = trained
+    masks = [torch.from_numpy(t).float() for t in targets]
+    with torch.no_grad():
+        parts = {w: grounded_loss(model.network, embeddings, QUESTION, TOY_ANSWERS, masks, lesion_weight=w) for w in (0.0, 1.0, 3.0)}
+    background, lesion = parts[0.0].bce, parts[1.0].bce - parts[0.0].bce
+    assert lesion > 0 and parts[3.0].bce == pytest.approx(background + 3 * lesion, rel=1e-4)
+    assert parts[3.0].text == parts[1.0].text and parts[3.0].clear_bce == parts[1.0].clear_bce
+    assert parts[3.0].dice == parts[1.0].dice
+
+
 def test_the_mask_decoder_decides_when_the_card_says_so(trained, tmp_path):
     """decision = "decoder": the [SEG] query's mask decides; the language model names what it found."""
     model, images, _, targets, _ = trained

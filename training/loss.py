@@ -11,6 +11,10 @@ finds one everywhere; with it the decoder can decide (GroundedConfig.decision = 
 With ``presence`` the decoder's IoU output is a presence logit: BCE against 1 for every [SEG] of an answer
 with findings, against 0 for the query of a clear slice (weight ``PRESENCE_WEIGHT``).
 
+``lesion_weight`` weighs the lesion pixels of a finding's mask in its BCE (``pos_weight``): above 1 it
+makes a missed lesion pixel cost more than a false one beside it, against masks that cover only part of a
+large lesion (README, "Where MR Dice is lost"). 1, the paper's loss, by default; clear slices are not affected.
+
 With ``region_tokens`` the token after each [SEG] carries the region of that [SEG]'s true mask (teacher
 forcing, as the answer's own tokens are).
 """
@@ -78,9 +82,10 @@ def teacher_forced(network: GroundedSegmenter, embeddings: torch.Tensor, questio
 
 
 def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question: str, answers: list[str],
-                  masks: list[torch.Tensor], detail: DetailFeatures | None = None) -> LossParts:
+                  masks: list[torch.Tensor], detail: DetailFeatures | None = None, lesion_weight: float = 1.0) -> LossParts:
     """``embeddings`` (n, 256, 64, 64); ``answers`` n texts; ``masks`` n tensors (n_seg_i, 256, 256) in {0, 1};
-    ``detail``: the detail branch's features of the n slices (models with one)."""
+    ``detail``: the detail branch's features of the n slices (models with one); ``lesion_weight``: the BCE weight
+    of a finding's lesion pixels."""
     forced = teacher_forced(network, embeddings, question, answers, [m.float() for m in masks])
     ids, valid, logits = forced.ids, forced.valid, forced.logits
     seg_positions = (ids == network.token_id(SEG)) & (valid == 1)
@@ -110,7 +115,8 @@ def grounded_loss(network: GroundedSegmenter, embeddings: torch.Tensor, question
         return LossParts(total, float(text.detach()), 0.0, 0.0, float(clear_bce.detach()), float(presence.detach()))
     target = torch.cat([m for m in masks if len(m)]).float().to(predicted.device)
     predicted = predicted.float()  # under bf16 autocast: the Dice sums 65,536 probabilities, in fp32
-    bce = F.binary_cross_entropy_with_logits(predicted, target)
+    bce = F.binary_cross_entropy_with_logits(predicted, target,
+                                             pos_weight=torch.tensor(lesion_weight, device=predicted.device))
     probabilities = torch.sigmoid(predicted)
     dice = 1 - (2 * (probabilities * target).sum((1, 2)) + 1) / (probabilities.sum((1, 2)) + target.sum((1, 2)) + 1)
     total = total + BCE_WEIGHT * bce + DICE_WEIGHT * dice.mean()

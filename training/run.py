@@ -142,6 +142,7 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
         "held_out_series": len(eval_items), "held_out_subjects": len({i.subject for i in eval_items}),
         "steps": request.config.steps, "hard_negative_steps": request.config.hard_negative_steps,
         "hard_negative_cycles": request.config.hard_negative_cycles, "average_cycles": request.config.average_cycles,
+        "lesion_weight": request.config.lesion_weight,
         "hard_negatives": {m: len(v) for m, v in (trainer.hard or {}).items()}, "final_loss": round(float(np.mean([h["loss"] for h in history[-50:]])), 4) if history else None,
         "minutes": round((time.time() - started) / 60, 1), "command": request.command, "seed": request.config.seed,
     }

@@ -60,6 +60,7 @@ class TrainConfig:
     hard_negative_learning_rate: float = 0.2  # the phase restarts at this fraction of the learning rates
     hard_negative_cycles: int = 1  # the phase as this many equal cosine cycles, each restarted and mined again
     average_cycles: bool = False  # the final weights: the mean of the weights at each cycle's end
+    lesion_weight: float = 1.0  # BCE weight of a finding's lesion pixels (training.loss); 1: the paper's loss
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.hard_negative_steps < 0:
@@ -71,6 +72,8 @@ class TrainConfig:
         if self.hard_negative_cycles < 1 or self.hard_negative_steps % self.hard_negative_cycles:
             raise ValueError(f"hard_negative_steps ({self.hard_negative_steps}) must be a multiple of "
                              f"hard_negative_cycles ({self.hard_negative_cycles}), which must be at least 1")
+        if not 0 < self.lesion_weight <= 100:
+            raise ValueError(f"lesion_weight must lie in (0, 100], not {self.lesion_weight}")
         if self.average_cycles and not self.hard_negative_steps:
             raise ValueError("average_cycles averages the ends of the hard-negative cycles: it needs hard_negative_steps")
 
@@ -244,7 +247,8 @@ class Trainer:
                     if self.config.augment:
                         slices = augment_intensity(slices, self.rng)
                     detail = network.detail_features(torch.from_numpy(slices).float().to(self.model.device))
-                parts = grounded_loss(network, embeddings, question, [s.answer for s in samples], masks, detail)
+                parts = grounded_loss(network, embeddings, question, [s.answer for s in samples], masks, detail,
+                                      self.config.lesion_weight)
             self.optimizer.zero_grad()
             parts.total.backward()
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
