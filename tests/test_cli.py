@@ -120,10 +120,12 @@ def test_a_step_count_must_be_a_whole_number_in_range(option, bad, message, caps
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_cycles_that_do_not_divide_the_hard_negative_steps_are_refused_before_training(tmp_path, capsys):
+@pytest.mark.parametrize("options,message", [
+    (["--hard-negative-steps", "300", "--hard-negative-cycles", "7"], "must be a multiple of hard_negative_cycles (7)"),
+    (["--lesion-weight", "0"], "lesion_weight must be positive")])
+def test_a_meaningless_training_setting_is_refused_before_training(options, message, tmp_path, capsys):
     """Named in the error, with nothing written: no data folder, no checkpoint folder."""
     config = write_node_config(tmp_path, 11112, TEST_PEERS)
-    code = main(["train", "--config", str(config), "--hard-negative-steps", "300", "--hard-negative-cycles", "7",
-                 "--out", str(tmp_path / "model"), "--data", str(tmp_path / "data")])
-    assert code == 2 and "must be a multiple of hard_negative_cycles (7)" in capsys.readouterr().err
+    code = main(["train", "--config", str(config), *options, "--out", str(tmp_path / "model"), "--data", str(tmp_path / "data")])
+    assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "model").exists() and not (tmp_path / "data").exists()

@@ -72,8 +72,8 @@ class TrainConfig:
         if self.hard_negative_cycles < 1 or self.hard_negative_steps % self.hard_negative_cycles:
             raise ValueError(f"hard_negative_steps ({self.hard_negative_steps}) must be a multiple of "
                              f"hard_negative_cycles ({self.hard_negative_cycles}), which must be at least 1")
-        if not 0 < self.lesion_weight <= 100:
-            raise ValueError(f"lesion_weight must lie in (0, 100], not {self.lesion_weight}")
+        if not self.lesion_weight > 0:  # also refuses NaN
+            raise ValueError(f"lesion_weight must be positive, not {self.lesion_weight}")
         if self.average_cycles and not self.hard_negative_steps:
             raise ValueError("average_cycles averages the ends of the hard-negative cycles: it needs hard_negative_steps")
 
