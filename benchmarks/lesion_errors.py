@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from pydicom import dcmread
 
 from benchmarks.subjects import add_subject_arguments, subjects
 from inference.engine import EngineConfig, interpret_volume
 from inference.slicing import load_series
 from training.cache import CachedEncoderModel
-from training.evaluate import read_truth
+from training.evaluate import body_part, read_truth
 from training.lesion_errors import FalseLesion, LesionError, lesion_errors
 
 
@@ -36,8 +35,7 @@ def main() -> None:
     false: dict[str, list[tuple[str, FalseLesion]]] = {}
     for item in items:
         volume = load_series(item.series)
-        body_part = str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
-        result = interpret_volume(volume, engine_model, config, body_part)
+        result = interpret_volume(volume, engine_model, config, body_part(item))
         errors, wrong = lesion_errors(volume, read_truth(item, volume, config.min_volume_ml), result.lesions)
         rows.setdefault(volume.modality, []).extend((item.subject, e) for e in errors)
         false.setdefault(volume.modality, []).extend((item.subject, f) for f in wrong)

@@ -152,13 +152,17 @@ def slice_output(lesions: list[Lesion], k: int) -> frozenset[str]:
     return frozenset(normalize_finding(lesion.label) for lesion in lesions if lesion.mask[k].any())
 
 
+def body_part(item: LabeledSeries) -> str:
+    """The series' Body Part Examined: the engine checks it against the model's scope, as in the node."""
+    return str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
+
+
 def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore[no-untyped-def]
     volume = load_series(item.series)
     config = EngineConfig()
     truth = read_truth(item, volume, config.min_volume_ml)
     seen: dict[int, tuple[Interpretation, SliceTransform]] = {}
-    body_part = str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
-    result = interpret_volume(volume, model, config, body_part,
+    result = interpret_volume(volume, model, config, body_part(item),
                               observe=lambda k, interpretation, transform: seen.__setitem__(k, (interpretation, transform)))
     record = SeriesRecord(volume.modality, below_reportable=len(truth.specks))
     policy = model.reliability

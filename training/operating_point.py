@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydicom import dcmread
 
 from inference.engine import EngineConfig, interpret_volume
 from inference.findings import SliceFinding, aggregate
@@ -29,7 +28,7 @@ from inference.model.protocol import Interpretation
 from inference.preprocess import SliceTransform
 from inference.slicing import Volume, load_series
 from training.cache import CachedEncoderModel, EmbeddingCache
-from training.evaluate import GroundTruth, read_truth, score_lesions, slice_output, slice_reference
+from training.evaluate import GroundTruth, body_part, read_truth, score_lesions, slice_output, slice_reference
 from training.sources import LabeledSeries
 
 
@@ -95,8 +94,7 @@ def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: Embed
                 if len(masks) and model.network.config.presence:
                     presence[k] = float(interpretation.answer.scores[0])
 
-            body_part = str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
-            result = interpret_volume(volume, engine_model, config, body_part, observe=observe)
+            result = interpret_volume(volume, engine_model, config, body_part(item), observe=observe)
             # Single-slice lesions of one label are each their own component: re-split them into slice findings.
             findings = [SliceFinding(k, lesion.label, lesion.mask[k], lesion.mean_score, lesion.reliability)
                         for lesion in result.lesions for k in range(lesion.slice_range[0], lesion.slice_range[1] + 1)
