@@ -487,7 +487,7 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     config_path = write_node_config(tmp_path / "node", 11112, [], extra='\n[[routes]]\nname = "all"\nmodel = "active"\n')
     out = tmp_path / "model"
     assert main(["train", "--folder", str(tmp_path / "data"), "--steps", "2", "--out", str(out), "--version", "v-test",
-                 "--mirror", "--min-lesion-slices", "CT=3", "--aligned-overlap", "CT=0.75", "--quiet",
+                 "--mirror", "--min-lesion-slices", "CT=3", "--aligned-overlap", "CT=0.75", "--lesion-weight", "2", "--quiet",
                  "--config", str(config_path)]) == 0
     card = json.loads((out / "model_card.json").read_text())
     assert card["version"] == "v-test" and card["findings"] == ["Liver tumor"]
@@ -495,6 +495,7 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     assert card["metrics"]["training"]["subjects"] == 1 and card["metrics"]["CT"]["volumes"] == 1
     # --mirror: the subject's 4 slices and their mirrored copies trained; the model averages with the mirror
     assert card["metrics"]["training"]["slices"] == 8 and card["architecture"]["mirror"] is True
+    assert card["metrics"]["training"]["lesion_weight"] == 2.0  # how it was trained, for whoever reproduces it
     assert (out / "model.safetensors").stat().st_size < 25 * 2**20
     printed = capsys.readouterr()
     assert "registered (not active" in printed.out and "training:" not in printed.err  # --quiet: no progress bar
