@@ -49,30 +49,6 @@ def test_a_synthetic_brain_tumour_is_real_anatomy_with_a_visible_irregular_lesio
     assert clear.masks == {}
 
 
-def test_a_synthetic_brain_tumour_is_never_nearly_isointense_with_white_matter():
-    """An enhancing tumour must stand out from white matter (the brightest brain tissue on T1), a dark one
-    from grey matter: a tumour a reader cannot see teaches the model to miss it. A two-tissue brain whose white
-    matter is 1.3 x its median, as in Colin27 and MNI152."""
-    from training.anatomy import Head
-    from training.synthesis import brain_tumor_study
-
-    z, y, x = np.ogrid[:110, :150, :130]
-    r = np.sqrt(((z - 55) / 50.0) ** 2 + ((y - 75) / 65.0) ** 2 + ((x - 65) / 55.0) ** 2)
-    brain = r < 1
-    head = Head("two tissues", np.where(r < 0.4 ** (1 / 3), 130.0, 100.0).astype(np.float32) * brain, brain)
-    seen = []
-    for seed in range(10, 30):
-        study = brain_tumor_study(head, np.random.default_rng(seed))
-        [mask] = study.masks.values()
-        clear = study.voxels[~mask.any(axis=(1, 2))]
-        inside = clear[clear > 0.5 * np.percentile(clear, 99)]
-        white = np.percentile(inside, 90)  # 40 % of this brain is white matter
-        seen.append(np.percentile(study.voxels[mask], 75) / white)  # the bright part: a rim, if it has one
-    seen = np.array(seen)
-    assert ((seen >= 1.15) | (seen <= 0.8)).all(), seen.round(2)
-    assert (seen >= 1.15).sum() >= 5 and (seen <= 0.8).sum() >= 5  # both kinds
-
-
 @pytest.mark.parametrize("region,label", [("abdomen", None), ("chest", "Lung nodule")])
 def test_ct_phantoms_have_hounsfield_units_and_lesions_inside_their_organs(region, label):
     from training.synthesis import ct_study

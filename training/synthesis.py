@@ -18,7 +18,6 @@ from scipy import ndimage
 from training.anatomy import Head
 
 SLICE_MM = 5.0
-WHITE_MATTER_PERCENTILE = 90  # of the brain's T1 intensities: white matter, the brightest tissue
 
 
 @dataclass
@@ -138,11 +137,9 @@ def _add_brain_tumor(image: np.ndarray, brain: np.ndarray, rng: np.random.Genera
     membership = blob(shape, local_center, radius, rng, irregularity=rng.uniform(0.15, 0.45))
     membership *= brain[tuple(box)]
     tissue = float(np.median(image[brain]))
-    white = float(np.percentile(image[brain], WHITE_MATTER_PERCENTILE))
-    # Enhancing tumours are brighter than white matter, the brightest brain tissue on T1 (1.2-1.3 x the brain's
-    # median in Colin27 and MNI152): relative to the median they could be nearly isointense with it.
-    enhancing, dark = rng.uniform(1.3, 1.7), rng.uniform(0.35, 0.6)
-    lesion = (white * enhancing if rng.random() < 0.5 else tissue * dark) * (1 + 0.08 * smooth_noise(shape, rng, 1.5))
+    contrast = rng.choice([rng.uniform(1.45, 1.9), rng.uniform(0.35, 0.6)])  # enhancing or necrotic / hypointense
+    texture = 1 + 0.08 * smooth_noise(shape, rng, 1.5)
+    lesion = tissue * contrast * texture
     if rng.random() < 0.3:  # ring: a bright rim round a dark core
         core = blob(shape, local_center, radius * 0.6, rng, 0.2)
         lesion = lesion * (1 - core) + tissue * 0.45 * core
