@@ -162,6 +162,9 @@ class TrainingSection:
     modality: str = ""
     label: str = ""
     steps: int = 1200
+    # The model training starts from (`dicom-node train --start-from`): "active" refines the model the node
+    # runs with what arrived; "" trains from fresh heads on what arrived alone.
+    start_from: str = "active"
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ def _parse_training(raw: dict[str, Any]) -> TrainingSection:
         modality=_get(raw, "training.modality", str, ""),
         label=_get(raw, "training.label", str, ""),
         steps=_positive(raw, "training.steps", int, TrainingSection.steps),
+        start_from=_get(raw, "training.start_from", str, TrainingSection.start_from),
     )
 
 

@@ -179,6 +179,7 @@ class JobService:
                    "--steps", str(self.config.training.steps)]
         command += ["--modality", self.config.training.modality] if self.config.training.modality else []
         command += ["--label", self.config.training.label] if self.config.training.label else []
+        command += ["--start-from", self.config.training.start_from] if self.config.training.start_from else []
         logger.info("scheduled training: %s", " ".join(command))
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:

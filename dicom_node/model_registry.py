@@ -68,6 +68,21 @@ def resolve_model(session: Session, model: Path) -> Path:
     return active_model(session) if model == ACTIVE_MODEL else model
 
 
+def find_model(session: Session, name: str) -> Path:
+    """A checkpoint named as an administrator names one: "shipped", "active", a registered version, or a
+    folder holding a checkpoint (training's --start-from)."""
+    if name == "shipped":
+        return SHIPPED_MODEL
+    if name == ACTIVE_MODEL.name:
+        return active_model(session)
+    row = session.scalar(select(ModelVersion).where(ModelVersion.version == name))
+    folder = Path(row.path) if row is not None else Path(name)
+    if not (folder / CARD_FILE).is_file():
+        raise UnknownModelError(f"{name}: neither a registered version nor a checkpoint folder" if row is None
+                                else f"{name}: {row.path} no longer holds a checkpoint")
+    return folder
+
+
 def list_models(session: Session) -> list[ModelEntry]:
     rows = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at)).all()
     active = any(r.active for r in rows)

@@ -7,11 +7,13 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
 from dicom_node.config import NodeConfig
+from inference.model.card import CARD_FILE, ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,13 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                        help="weight of a finding's lesion pixels in the mask BCE (pos_weight): above 1 a missed lesion "
                             "pixel costs W times a false one (default 1, the paper's loss)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--min-lesion-slices", type=lesion_slices_argument, default=2, metavar="N|MOD=N,...",
+    train.add_argument("--min-lesion-slices", type=lesion_slices_argument, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
-                            "modalities or per modality, e.g. CT=2,MR=3 (default 2)")
+                            "modalities or per modality, e.g. CT=2,MR=3 (default 2, or --start-from's)")
     train.add_argument("--aligned-overlap", type=aligned_overlap_argument, metavar="F|MOD=F,...",
                        help="the model's operating point: a lesion on fewer slices than --min-lesion-slices, but at "
                             "least two, is kept when its consecutive slice masks overlap by this fraction of the "
-                            "smaller, for all modalities or per modality, e.g. CT=0.9 (default: never kept)")
+                            "smaller, for all modalities or per modality, e.g. CT=0.9 (default: never kept, or --start-from's)")
     train.add_argument("--min-mask-pixels", type=int, metavar="PIXELS",
                        help="the model's operating point: the smallest first mask, in model-grid pixels, that makes a "
                             "slice's answer a finding (GroundedConfig.min_mask_pixels); default: the trainer's, 5")
@@ -64,13 +66,19 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                             "encoder; GroundedConfig.detail_width, 0: none); default: the trainer's architecture")
     train.add_argument("--context", type=int, metavar="N",
                        help="neighbouring slices each side the detail branch sees (2.5D; GroundedConfig.context_slices)")
-    train.add_argument("--encoder-precision", choices=("fp32", "bf16"), default="fp32",
+    train.add_argument("--encoder-precision", choices=("fp32", "bf16"),
                        help="precision of the frozen encoder in training and, through the card, when the model answers: "
-                            "fp32 (default) runs alike on every CPU; bf16 is about 3x faster where the CPU has native bf16 "
+                            "fp32 (default, or --start-from's) runs alike on every CPU; bf16 is about 3x faster where the CPU has native bf16 "
                             "(AVX512-BF16) and 5x slower where it has not")
     train.add_argument("--autocast", action="store_true",
                        help="train the heads under bf16 autocast: about 1.5x faster on a GPU or a CPU with native "
                             "bf16 (AVX512-BF16, AMX), several times slower on CPUs without it")
+    train.add_argument("--start-from", metavar="MODEL",
+                       help='fine-tune: start from this model\'s trained weights, architecture and operating point, not '
+                            'from fresh heads: "shipped", "active", a version from `model list`, or a checkpoint folder')
+    train.add_argument("--learning-rate", type=float, metavar="LR",
+                       help="peak learning rate of the heads, the mask decoder's scaled alike (default 1e-3 and 2e-4; "
+                            "lower to fine-tune gently from --start-from)")
     train.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
     train.add_argument("--data", type=Path, help="folder for synthetic data and the encoder cache (default: <storage>/training)")
     train.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
@@ -93,11 +101,17 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     from training.trainer import TrainConfig
 
     try:
-        architecture = training_architecture(args.presence, args.mirror, args.detail, args.context, args.min_mask_pixels)
         train_config = TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
                                    hard_negative_steps=args.hard_negative_steps,
                                    hard_negative_cycles=args.hard_negative_cycles, average_cycles=args.average_cycles,
-                                   lesion_weight=args.lesion_weight)
+                                   lesion_weight=args.lesion_weight, **learning_rates(args.learning_rate))
+        if args.start_from:
+            base = starting_checkpoint(config, args.start_from)
+            architecture = fine_tuning_architecture(base.card, args.presence, args.mirror, args.detail, args.context,
+                                                    args.min_mask_pixels, args.encoder_precision)
+        else:
+            base = None
+            architecture = training_architecture(args.presence, args.mirror, args.detail, args.context, args.min_mask_pixels)
     except (TrainingArgumentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -106,6 +120,10 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     out = args.out or config.storage.path / "models" / version
     engine = make_engine(config.storage.database_url, writer=True)
     sessions = make_sessionmaker(engine)
+    # The operating point: as asked, else the starting model's (validated with it), else the trainer's.
+    min_lesion_slices = args.min_lesion_slices or (base.card.min_lesion_slices if base else 2)
+    aligned_overlap = args.aligned_overlap or (base.card.aligned_lesion_overlap if base else None)
+    encoder_precision = base.card.encoder_precision if base else args.encoder_precision or "fp32"
     items, described = [], []
     use_synthetic = args.synthetic or not (args.folder or args.from_store)
     if use_synthetic:
@@ -124,9 +142,9 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version, config=train_config, resume=args.resume,
-                           min_lesion_slices=args.min_lesion_slices, aligned_lesion_overlap=args.aligned_overlap,
-                           mirror=args.mirror, progress=not args.quiet,
-                           architecture=architecture, encoder_precision=args.encoder_precision,
+                           min_lesion_slices=min_lesion_slices, aligned_lesion_overlap=aligned_overlap,
+                           mirror=args.mirror, progress=not args.quiet, start_from=base.path if base else None,
+                           architecture=architecture, encoder_precision=encoder_precision,
                            device=config.jobs.device, description="; ".join(described),
                            command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
     try:
@@ -224,6 +242,61 @@ def training_architecture(presence: float | None, mirror: bool = False, detail: 
     except ValueError as exc:
         raise TrainingArgumentError(str(exc)) from None
     return architecture
+
+
+@dataclass(frozen=True)
+class StartingCheckpoint:
+    path: Path
+    card: ModelCard
+
+
+def starting_checkpoint(config: NodeConfig, name: str) -> StartingCheckpoint:
+    """--start-from's checkpoint: "shipped", "active", a registered version or a folder (read, not written)."""
+    from dicom_node.model_registry import UnknownModelError, find_model
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            path = find_model(session, name)
+    except UnknownModelError as exc:
+        raise TrainingArgumentError(f"--start-from: no model {exc} (see dicom-node model list)") from None
+    finally:
+        engine.dispose()
+    try:
+        return StartingCheckpoint(path, ModelCard.from_json((path / CARD_FILE).read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise TrainingArgumentError(f"--start-from: {path} holds no readable model card ({exc})") from None
+
+
+def fine_tuning_architecture(base: ModelCard, presence: float | None, mirror: bool, detail: int | None,
+                             context: int | None, min_mask_pixels: int | None, encoder_precision: str | None) -> dict:
+    """The starting model's architecture, which its weights fit; only the operating point may change (the
+    smallest finding mask, mirror averaging). Options that would change its shape are refused, not ignored."""
+    reshaping = [name for name, value in (("--presence", presence), ("--detail", detail), ("--context", context)) if value is not None]
+    if reshaping:
+        raise TrainingArgumentError(f"{', '.join(reshaping)} would change the shape of the model --start-from gives; "
+                                    "train from scratch (without --start-from) for another architecture")
+    if encoder_precision is not None and encoder_precision != base.encoder_precision:
+        raise TrainingArgumentError(f"--encoder-precision {encoder_precision}: the model --start-from gives was trained "
+                                    f"on a {base.encoder_precision} encoder")
+    architecture = dict(base.architecture)
+    if mirror:
+        architecture["mirror"] = True
+    if min_mask_pixels is not None:
+        architecture["min_mask_pixels"] = min_mask_pixels
+    return architecture
+
+
+def learning_rates(heads: float | None) -> dict[str, float]:
+    """TrainConfig's learning rates for --learning-rate: the heads' as given, the decoder's in the trainer's ratio."""
+    from training.trainer import TrainConfig
+
+    if heads is None:
+        return {}
+    if not heads > 0:  # also refuses NaN
+        raise ValueError(f"learning_rate must be positive, not {heads}")
+    return {"learning_rate": heads, "decoder_learning_rate": heads * TrainConfig.decoder_learning_rate / TrainConfig.learning_rate}
 
 
 class TrainingArgumentError(ValueError):

@@ -122,10 +122,14 @@ def test_a_step_count_must_be_a_whole_number_in_range(option, bad, message, caps
 
 @pytest.mark.parametrize("options,message", [
     (["--hard-negative-steps", "300", "--hard-negative-cycles", "7"], "must be a multiple of hard_negative_cycles (7)"),
-    (["--lesion-weight", "0"], "lesion_weight must be positive")])
+    (["--lesion-weight", "0"], "lesion_weight must be positive"),
+    (["--learning-rate", "0"], "learning_rate must be positive"),
+    (["--start-from", "no-such-model"], "--start-from: no model no-such-model"),
+    (["--start-from", "shipped", "--detail", "8"], "--detail would change the shape"),
+    (["--start-from", "shipped", "--encoder-precision", "bf16"], "trained on a fp32 encoder")])
 def test_a_meaningless_training_setting_is_refused_before_training(options, message, tmp_path, capsys):
-    """Named in the error, with nothing written: no data folder, no checkpoint folder."""
+    """Named in the error, with nothing written: no training data folder, no checkpoint folder."""
     config = write_node_config(tmp_path, 11112, TEST_PEERS)
-    code = main(["train", "--config", str(config), *options, "--out", str(tmp_path / "model"), "--data", str(tmp_path / "data")])
+    code = main(["train", "--config", str(config), *options, "--out", str(tmp_path / "model"), "--data", str(tmp_path / "training")])
     assert code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "model").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "model").exists() and not (tmp_path / "training").exists()

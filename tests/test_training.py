@@ -172,6 +172,41 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path, context):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_fine_tuning_starts_from_the_checkpoints_weights_and_keeps_what_it_could_say(tmp_path):
+    """--start-from: the trained heads and decoder, not fresh ones; findings and modalities the starting model
+    had stay sayable; a checkpoint of another shape or encoder precision is refused by name."""
+    from inference.model.builtin import BuiltinModel
+    from tests.conftest import TINY, tiny_card
+    from training.run import TrainingDataError, starting_model
+    from training.trainer import TrainConfig, Trainer
+
+    architecture = TINY | {"detail_width": 8, "context_slices": 1}
+    torch.manual_seed(0)
+    base = BuiltinModel.new(tiny_card(architecture=architecture, findings=("Brain tumor",), modalities=("MR",)))
+    Trainer(base, tiny_training_set(1), TrainConfig(steps=2, batch_size=2, warmup_steps=1), tmp_path / "base").train(progress=False)
+    base.save(tmp_path / "base")
+    trained = base.network.trainable_state_dict()
+
+    card = tiny_card(architecture=architecture, findings=("Liver tumor",), modalities=("CT",))
+    torch.manual_seed(1)
+    model, started = starting_model(card, tmp_path / "base", torch.device("cpu"))
+    assert started is not None and started.weights_sha256 == base.card.weights_sha256
+    for name, weight in model.network.trainable_state_dict().items():
+        torch.testing.assert_close(weight, trained[name], msg=name)
+    assert model.card.findings == ("Brain tumor", "Liver tumor") and model.card.modalities == ("CT", "MR")
+    fresh, none = starting_model(card, None, torch.device("cpu"))
+    assert none is None and not torch.equal(fresh.network.trainable_state_dict()["detail.full.0.weight"], trained["detail.full.0.weight"])
+
+    with pytest.raises(TrainingDataError, match="another architecture"):
+        starting_model(tiny_card(architecture=architecture | {"detail_width": 16}), tmp_path / "base", torch.device("cpu"))
+    with pytest.raises(TrainingDataError, match="another architecture"):
+        starting_model(tiny_card(architecture=TINY), tmp_path / "base", torch.device("cpu"))  # fewer parts: no detail branch
+    with pytest.raises(TrainingDataError, match="trained on a fp32 encoder, not bf16"):
+        starting_model(tiny_card(architecture=architecture, encoder_precision="bf16"), tmp_path / "base", torch.device("cpu"))
+    with pytest.raises(TrainingDataError, match="cannot start from"):
+        starting_model(card, tmp_path, torch.device("cpu"))  # no checkpoint there
+
+
 def test_hard_negatives_are_the_slices_the_model_would_report(trained_detail):
     """Mining scores a slice as the node decides it (the "It is [SEG]" query's mask through the detail branch):
     offered both of the toy's slices as if clear, it picks the one where the model draws its lesion, and does so
@@ -475,6 +510,17 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     assert (out / "model.safetensors").stat().st_size < 25 * 2**20
     printed = capsys.readouterr()
     assert "registered (not active" in printed.out and "training:" not in printed.err  # --quiet: no progress bar
+
+    # Fine-tuning the registered version: its weights, shape and operating point, and a record of where it started
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--folder", str(tmp_path / "data"), "--steps", "1", "--start-from", "v-test", "--learning-rate", "1e-4",
+                 "--out", str(tuned), "--version", "v-tuned", "--quiet", "--config", str(config_path)]) == 0
+    tuned_card = json.loads((tuned / "model_card.json").read_text())
+    record = tuned_card["metrics"]["training"]
+    assert record["start_from"] == {"version": "v-test", "weights_sha256": card["weights_sha256"]} and record["learning_rate"] == 1e-4
+    assert tuned_card["architecture"] == card["architecture"] and tuned_card["min_lesion_slices"] == {"CT": 3}
+    assert tuned_card["weights_sha256"] != card["weights_sha256"]  # it trained
+    capsys.readouterr()
 
     config = load_config(config_path)
     service = JobService(config)

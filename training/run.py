@@ -16,6 +16,7 @@ import torch
 
 from inference.model.builtin import BuiltinModel, mirror_images, pick_device
 from inference.model.card import CARD_FILE, ModelCard
+from inference.model.litemedsam import WeightsError
 from inference.model.detail import context_indices
 from inference.model.grounded import GroundedConfig
 from inference.model.vocabulary import build_tokenizer
@@ -58,6 +59,10 @@ class TrainRequest:
     # The frozen encoder's precision, in training and in the card (ModelCard.encoder_precision): fp32 runs
     # alike on every CPU; bf16 only pays on CPUs with native bf16.
     encoder_precision: str = "fp32"
+    # A checkpoint folder whose trained weights training starts from (fine-tuning) instead of LiteMedSAM's
+    # decoder and fresh heads; ``architecture`` and ``encoder_precision`` must be its own (the CLI takes them
+    # from its card).
+    start_from: Path | None = None
 
 
 def check_labels(items: list[LabeledSeries]) -> list[str]:
@@ -107,6 +112,34 @@ def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
     return TrainingSet(data.samples + flipped, torch.cat([data.embeddings, embeddings]), stacks)
 
 
+def starting_model(card: ModelCard, start_from: Path | None, device: torch.device) -> tuple[BuiltinModel, ModelCard | None]:
+    """(the model to train, the card of the checkpoint it starts from). Fresh heads on LiteMedSAM's decoder, or
+    ``start_from``'s trained weights: a site with a few dozen SEGs refines the model it runs instead of
+    training one from nothing. The new model can still say what the starting one could (findings, modalities)."""
+    if start_from is None:
+        return BuiltinModel.new(card, device=device), None
+    try:
+        base = BuiltinModel.load(start_from, device=device)
+    except WeightsError as exc:
+        raise TrainingDataError(f"cannot start from {start_from}: {exc}") from None
+    if base.card.encoder_precision != card.encoder_precision:
+        raise TrainingDataError(f"{start_from} was trained on a {base.card.encoder_precision} encoder, not {card.encoder_precision}")
+    card = dataclasses.replace(card, findings=tuple(sorted(set(card.findings) | set(base.card.findings))),
+                               modalities=tuple(sorted(set(card.modalities) | set(base.card.modalities))))
+    model = BuiltinModel.new(card, device=device)
+    weights = base.network.trainable_state_dict()
+    wanted = set(model.network.trainable_state_dict())
+    missing, unexpected = sorted(wanted - set(weights)), sorted(set(weights) - wanted)
+    try:
+        if missing or unexpected:
+            raise RuntimeError(f"it has no {', '.join(missing[:3])}" if missing else f"it has {', '.join(unexpected[:3])} too")
+        model.network.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # parts or shapes that differ: another detail width, context or token grid
+        raise TrainingDataError(f"{start_from} was built with another architecture than asked for: "
+                                f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    return model, base.card
+
+
 def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard:
     if not items:
         raise TrainingDataError("no labelled series found")
@@ -121,7 +154,7 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
                      min_lesion_slices=request.min_lesion_slices, aligned_lesion_overlap=request.aligned_lesion_overlap,
                      encoder_precision=request.encoder_precision,
                      modalities=modalities, findings=tuple(labels), training_data=request.description)
-    model = BuiltinModel.new(card, device=pick_device(request.device))
+    model, base = starting_model(card, request.start_from, pick_device(request.device))
     cache = EmbeddingCache(request.cache, model)
     config = model.network.config
     data = build_training_set(train_items, cache, request.negatives_per_series, request.config.seed,
@@ -142,7 +175,8 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
         "held_out_series": len(eval_items), "held_out_subjects": len({i.subject for i in eval_items}),
         "steps": request.config.steps, "hard_negative_steps": request.config.hard_negative_steps,
         "hard_negative_cycles": request.config.hard_negative_cycles, "average_cycles": request.config.average_cycles,
-        "lesion_weight": request.config.lesion_weight,
+        "lesion_weight": request.config.lesion_weight, "learning_rate": request.config.learning_rate,
+        "start_from": None if base is None else {"version": base.version, "weights_sha256": base.weights_sha256},
         "hard_negatives": {m: len(v) for m, v in (trainer.hard or {}).items()}, "final_loss": round(float(np.mean([h["loss"] for h in history[-50:]])), 4) if history else None,
         "minutes": round((time.time() - started) / 60, 1), "command": request.command, "seed": request.config.seed,
     }
