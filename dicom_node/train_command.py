@@ -68,8 +68,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                        help="neighbouring slices each side the detail branch sees (2.5D; GroundedConfig.context_slices)")
     train.add_argument("--encoder-precision", choices=("fp32", "bf16"),
                        help="precision of the frozen encoder in training and, through the card, when the model answers: "
-                            "fp32 (default, or --start-from's) runs alike on every CPU; bf16 is about 3x faster where the CPU has native bf16 "
-                            "(AVX512-BF16) and 5x slower where it has not")
+                            "fp32 (default, or --start-from's) runs alike on every CPU; bf16 is about 3x faster where "
+                            "the CPU has native bf16 (AVX512-BF16) and 5x slower where it has not")
     train.add_argument("--autocast", action="store_true",
                        help="train the heads under bf16 autocast: about 1.5x faster on a GPU or a CPU with native "
                             "bf16 (AVX512-BF16, AMX), several times slower on CPUs without it")
