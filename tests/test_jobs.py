@@ -216,7 +216,7 @@ def test_the_scheduler_interprets_a_routed_series_stores_the_results_and_queues_
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == dcmread(source[0]).SeriesInstanceUID
 
 
-def test_scheduled_training_is_a_cron_job_that_registers_and_never_activates(node_factory, no_model, tmp_path):
+def test_scheduled_training_is_a_cron_job_that_registers_and_never_activates(node_factory, no_model, tmp_path, caplog):
     node, config = node_factory(no_model, tail='\n[training]\nschedule = "30 2 * * *"\nsteps = 5\n')
     service = JobService(dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, poll_s=60.0)))
     service.start()
@@ -226,3 +226,6 @@ def test_scheduled_training_is_a_cron_job_that_registers_and_never_activates(nod
     finally:
         service.stop()
     assert service.train() == 2  # nothing labelled in the store yet: no model, and nothing activated
+    assert config.training.start_from == "active"  # by default the nightly run fine-tunes the model in use
+    elsewhere = JobService(dataclasses.replace(config, training=dataclasses.replace(config.training, start_from="v-gone")))
+    assert elsewhere.train() == 2 and "--start-from: no model v-gone" in caplog.text  # it starts from what is configured
