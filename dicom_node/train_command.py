@@ -44,6 +44,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--lesion-weight", type=float, default=1.0, metavar="W",
                        help="weight of a finding's lesion pixels in the mask BCE (pos_weight): above 1 a missed lesion "
                             "pixel costs W times a false one (default 1, the paper's loss)")
+    train.add_argument("--feature-dropout", type=float, default=0.0, metavar="P",
+                       help="drop each channel of the cached encoder features with probability P in training, against "
+                            "heads that learn the training slices' fixed encodings by heart (default 0: none)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--min-lesion-slices", type=lesion_slices_argument, metavar="N|MOD=N,...",
                        help="the model's operating point: 3D lesions seen on fewer slices are dropped, for all "
@@ -104,7 +107,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         train_config = TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
                                    hard_negative_steps=args.hard_negative_steps,
                                    hard_negative_cycles=args.hard_negative_cycles, average_cycles=args.average_cycles,
-                                   lesion_weight=args.lesion_weight, **learning_rates(args.learning_rate))
+                                   lesion_weight=args.lesion_weight, feature_dropout=args.feature_dropout,
+                                   **learning_rates(args.learning_rate))
         if args.start_from:
             base = starting_checkpoint(config, args.start_from)
             architecture = fine_tuning_architecture(base.card, args.presence, args.mirror, args.detail, args.context,

@@ -1,5 +1,6 @@
 """Training: synthetic data on real anatomy, DICOM round trip, sources, split, trainer, evaluation, CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -145,14 +146,15 @@ def tiny_training_set(context=None):
     return TrainingSet(samples, torch.from_numpy(rng.normal(size=(4, 256, 64, 64)).astype(np.float32)).to(torch.bfloat16), stacks)
 
 
-@pytest.mark.parametrize("context", [None, 1])
-def test_training_resumes_exactly_where_it_stopped(tmp_path, context):
-    """Also for a model with a detail branch, whose input is augmented from the trainer's random state."""
+@pytest.mark.parametrize("context,dropout", [(None, 0.0), (1, 0.0), (None, 0.3)])
+def test_training_resumes_exactly_where_it_stopped(tmp_path, context, dropout):
+    """Also for a model with a detail branch, whose input is augmented from the trainer's random state, and
+    with feature dropout, drawn from torch's."""
     from inference.model.builtin import BuiltinModel
     from tests.conftest import TINY, tiny_card
     from training.trainer import TrainConfig, Trainer
 
-    config = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, warmup_steps=1)
+    config = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, warmup_steps=1, feature_dropout=dropout)
     architecture = TINY if context is None else TINY | {"detail_width": 8, "context_slices": context}
 
     def fresh():
@@ -170,6 +172,11 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path, context):
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for (name, a), b in zip(straight.network.trainable_state_dict().items(), resumed.network.trainable_state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    if dropout:  # the dropout acts: without it the same steps end elsewhere
+        undropped = fresh()
+        Trainer(undropped, tiny_training_set(context), dataclasses.replace(config, feature_dropout=0.0), tmp_path / "c").train(progress=False)
+        assert any(not torch.equal(a, b) for a, b in zip(straight.network.trainable_state_dict().values(),
+                                                         undropped.network.trainable_state_dict().values()))
 
 
 def test_fine_tuning_starts_from_the_checkpoints_weights_and_keeps_what_it_could_say(tmp_path):
@@ -320,7 +327,7 @@ def test_train_config_refuses_a_meaningless_hard_negative_phase():
 
     for bad in ({"hard_negative_steps": -1}, {"hard_negative_fraction": 1.5}, {"hard_negative_pixels": 0},
                 {"hard_negative_learning_rate": 0.0}, {"hard_negative_steps": 300, "hard_negative_cycles": 7},
-                {"hard_negative_cycles": 0}, {"average_cycles": True}, {"lesion_weight": 0.0}, {"lesion_weight": -2.0}, {"lesion_weight": float("nan")}):
+                {"hard_negative_cycles": 0}, {"average_cycles": True}, {"feature_dropout": 1.0}, {"feature_dropout": -0.1}, {"lesion_weight": 0.0}, {"lesion_weight": -2.0}, {"lesion_weight": float("nan")}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 

@@ -176,6 +176,7 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
         "steps": request.config.steps, "hard_negative_steps": request.config.hard_negative_steps,
         "hard_negative_cycles": request.config.hard_negative_cycles, "average_cycles": request.config.average_cycles,
         "lesion_weight": request.config.lesion_weight, "learning_rate": request.config.learning_rate,
+        "feature_dropout": request.config.feature_dropout,
         "start_from": None if base is None else {"version": base.version, "weights_sha256": base.weights_sha256},
         "hard_negatives": {m: len(v) for m, v in (trainer.hard or {}).items()}, "final_loss": round(float(np.mean([h["loss"] for h in history[-50:]])), 4) if history else None,
         "minutes": round((time.time() - started) / 60, 1), "command": request.command, "seed": request.config.seed,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from inference.model.builtin import BuiltinModel
@@ -61,6 +62,10 @@ class TrainConfig:
     hard_negative_cycles: int = 1  # the phase as this many equal cosine cycles, each restarted and mined again
     average_cycles: bool = False  # the final weights: the mean of the weights at each cycle's end
     lesion_weight: float = 1.0  # BCE weight of a finding's lesion pixels (training.loss); 1: the paper's loss
+    # Channel dropout on the cached encoder features in training: each slice's features come from one frozen
+    # encoding, the same at every step, which the heads can learn by heart (on MR, held-out Dice 0.85 against
+    # 0.92 on the training subjects; README). 0: none.
+    feature_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.hard_negative_steps < 0:
@@ -72,6 +77,8 @@ class TrainConfig:
         if self.hard_negative_cycles < 1 or self.hard_negative_steps % self.hard_negative_cycles:
             raise ValueError(f"hard_negative_steps ({self.hard_negative_steps}) must be a multiple of "
                              f"hard_negative_cycles ({self.hard_negative_cycles}), which must be at least 1")
+        if not 0 <= self.feature_dropout < 1:  # also refuses NaN
+            raise ValueError(f"feature_dropout must be at least 0 and below 1, not {self.feature_dropout}")
         if not self.lesion_weight > 0:  # also refuses NaN
             raise ValueError(f"lesion_weight must be positive, not {self.lesion_weight}")
         if self.average_cycles and not self.hard_negative_steps:
@@ -238,6 +245,8 @@ class Trainer:
             chosen = self.batch()
             samples = [self.data.samples[i] for i in chosen]
             embeddings = self.data.embeddings[chosen].float().to(self.model.device)
+            if self.config.feature_dropout:
+                embeddings = F.dropout2d(embeddings, self.config.feature_dropout)
             question = recognition_question(samples[0].modality)
             masks = [torch.from_numpy(s.masks).float() for s in samples]
             detail = None
