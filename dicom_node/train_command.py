@@ -293,13 +293,12 @@ def fine_tuning_architecture(base: ModelCard, presence: float | None, mirror: bo
 
 
 def learning_rates(heads: float | None) -> dict[str, float]:
-    """TrainConfig's learning rates for --learning-rate: the heads' as given, the decoder's in the trainer's ratio."""
+    """TrainConfig's learning rates for --learning-rate: the heads' as given, the decoder's in the trainer's ratio
+    (TrainConfig checks them)."""
     from training.trainer import TrainConfig
 
     if heads is None:
         return {}
-    if not heads > 0:  # also refuses NaN
-        raise ValueError(f"learning_rate must be positive, not {heads}")
     return {"learning_rate": heads, "decoder_learning_rate": heads * TrainConfig.decoder_learning_rate / TrainConfig.learning_rate}
 
 

@@ -327,7 +327,7 @@ def test_train_config_refuses_a_meaningless_hard_negative_phase():
 
     for bad in ({"hard_negative_steps": -1}, {"hard_negative_fraction": 1.5}, {"hard_negative_pixels": 0},
                 {"hard_negative_learning_rate": 0.0}, {"hard_negative_steps": 300, "hard_negative_cycles": 7},
-                {"hard_negative_cycles": 0}, {"average_cycles": True}, {"feature_dropout": 1.0}, {"feature_dropout": -0.1}, {"lesion_weight": 0.0}, {"lesion_weight": -2.0}, {"lesion_weight": float("nan")}):
+                {"hard_negative_cycles": 0}, {"average_cycles": True}, {"feature_dropout": 1.0}, {"feature_dropout": -0.1}, {"learning_rate": 0.0}, {"decoder_learning_rate": float("nan")}, {"lesion_weight": 0.0}, {"lesion_weight": -2.0}, {"lesion_weight": float("nan")}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 

@@ -130,13 +130,14 @@ def starting_model(card: ModelCard, start_from: Path | None, device: torch.devic
     weights = base.network.trainable_state_dict()
     wanted = set(model.network.trainable_state_dict())
     missing, unexpected = sorted(wanted - set(weights)), sorted(set(weights) - wanted)
+    other = f"{start_from} was built with another architecture than asked for"
+    if missing or unexpected:  # parts that differ: a detail branch or not
+        raise TrainingDataError(f"{other}: it has no {', '.join(missing[:3])}" if missing
+                                else f"{other}: it has {', '.join(unexpected[:3])} too")
     try:
-        if missing or unexpected:
-            raise RuntimeError(f"it has no {', '.join(missing[:3])}" if missing else f"it has {', '.join(unexpected[:3])} too")
         model.network.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # parts or shapes that differ: another detail width, context or token grid
-        raise TrainingDataError(f"{start_from} was built with another architecture than asked for: "
-                                f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    except RuntimeError as exc:  # shapes that differ: another detail width, context or token grid
+        raise TrainingDataError(f"{other}: {str(exc).strip().splitlines()[-1].strip()}") from None
     return model, base.card
 
 

@@ -77,6 +77,8 @@ class TrainConfig:
         if self.hard_negative_cycles < 1 or self.hard_negative_steps % self.hard_negative_cycles:
             raise ValueError(f"hard_negative_steps ({self.hard_negative_steps}) must be a multiple of "
                              f"hard_negative_cycles ({self.hard_negative_cycles}), which must be at least 1")
+        if not (self.learning_rate > 0 and self.decoder_learning_rate > 0):  # also refuses NaN
+            raise ValueError(f"learning_rate must be positive, not {self.learning_rate} (decoder {self.decoder_learning_rate})")
         if not 0 <= self.feature_dropout < 1:  # also refuses NaN
             raise ValueError(f"feature_dropout must be at least 0 and below 1, not {self.feature_dropout}")
         if not self.lesion_weight > 0:  # also refuses NaN
