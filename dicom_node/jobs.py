@@ -75,6 +75,8 @@ class JobService:
         self.receiver = InstanceReceiver(self.files, self.sessions, IndexWriter(make_engine(url, writer=True), self.files))
         self.models = ModelCache(config.jobs.device, config.jobs.encoder_precision, config.jobs.compile_encoder)
         self.started_at = now_utc()
+        self._loader: threading.Thread | None = None  # loads the routes' models at start
+        self._stopping = threading.Event()
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=make_engine(url), tablename="apscheduler_jobs")},
             executors={"default": ThreadPoolExecutor(config.jobs.workers), "checks": ThreadPoolExecutor(1),
@@ -93,7 +95,8 @@ class JobService:
             interrupted = requeue_interrupted(session)
         if interrupted:
             logger.warning("jobs %s were running when the node stopped; queued again", interrupted)
-        threading.Thread(target=self._load_models, name="model-load", daemon=True).start()
+        self._loader = threading.Thread(target=self._load_models, name="model-load", daemon=True)
+        self._loader.start()
         self.scheduler.start()
         self.scheduler.add_job(check, "interval", seconds=self.config.jobs.poll_s, id="completion-check",
                                replace_existing=True, executor="checks")
@@ -110,13 +113,25 @@ class JobService:
         logger.info("jobs: completion after %.0f s quiet, %d worker(s), %d route(s)", self.config.jobs.completion_wait_s,
                     self.config.jobs.workers, len(self.config.routes))
 
-    def stop(self) -> None:
-        """Stop scheduling; a job still running is left to the next start (it is queued again then)."""
+    def stop(self, load_wait_s: float = 120.0) -> None:
+        """Stop scheduling; a job still running is left to the next start (it is queued again then).
+
+        A model still loading is waited for (up to ``load_wait_s``): an encoder compile cannot be interrupted,
+        and a process that exits with the loader inside torch aborts ("terminate called without an active
+        exception", exit status 134) instead of stopping cleanly."""
+        self._stopping.set()
         self.scheduler.shutdown(wait=False)
+        if self._loader is not None and self._loader.is_alive():
+            logger.info("waiting for the model load to finish (an encoder compile cannot be interrupted)")
+            self._loader.join(load_wait_s)
+            if self._loader.is_alive():
+                logger.warning("the model was still loading after %.0f s; stopping anyway", load_wait_s)
 
     def _load_models(self) -> None:
         """Load the routes' models at start: the first series does not wait for it, a broken model shows at once."""
         for route in self.config.routes:
+            if self._stopping.is_set():
+                return
             try:
                 self.models.get(self.model_path(route))
             except Exception as exc:  # noqa: BLE001 - reported here; the jobs that need it fail with the reason
