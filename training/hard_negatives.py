@@ -18,28 +18,33 @@ import torch
 
 from inference.model.grounded import GroundedSegmenter
 from inference.model.protocol import recognition_question
+from training.cache import StoredEmbeddings
 
 
 @torch.inference_mode()
-def query_mask_pixels(network: GroundedSegmenter, embeddings: torch.Tensor, detail_inputs: np.ndarray | None,
-                      modality: str, batch_size: int = 16, autocast: bool = False) -> np.ndarray:
-    """Pixels of the [SEG] query's mask above ``mask_threshold`` per slice: (n,) int. ``embeddings`` (n, 256,
-    64, 64) of one modality's slices; ``detail_inputs`` their detail-branch stacks (models with one)."""
+def query_mask_pixels(network: GroundedSegmenter, embeddings: StoredEmbeddings | torch.Tensor,
+                      detail_inputs: np.ndarray | None, rows: np.ndarray, modality: str, batch_size: int = 16,
+                      autocast: bool = False) -> np.ndarray:
+    """Pixels of the [SEG] query's mask above ``mask_threshold`` per slice: (len(rows),) int. ``rows``: one
+    modality's slices among ``embeddings`` (and ``detail_inputs``, the detail-branch stacks of models with
+    one), read a batch at a time."""
     device = next(network.mask_decoder.parameters()).device
     question = recognition_question(modality)
+    rows = np.asarray(rows, int)
     counts = []
-    for start in range(0, len(embeddings), batch_size):
-        chunk = embeddings[start:start + batch_size].float().to(device)
+    for start in range(0, len(rows), batch_size):
+        chunk_rows = rows[start:start + batch_size]
+        chunk = embeddings[chunk_rows].float().to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             detail = None
             if detail_inputs is not None:
-                detail = network.detail_features(torch.from_numpy(detail_inputs[start:start + batch_size]).float().to(device))
+                detail = network.detail_features(torch.from_numpy(detail_inputs[chunk_rows]).float().to(device))
             logits, _ = network.decode_masks(chunk, network.query_states(chunk, question), detail)
         counts.append(network.mask_pixels(logits).cpu().numpy())
     return np.concatenate(counts) if counts else np.zeros(0, int)
 
 
-def hard_negatives(network: GroundedSegmenter, embeddings: torch.Tensor, detail_inputs: np.ndarray | None,
+def hard_negatives(network: GroundedSegmenter, embeddings: StoredEmbeddings | torch.Tensor, detail_inputs: np.ndarray | None,
                    clear: Mapping[str, np.ndarray], min_pixels: int, autocast: bool = False) -> dict[str, np.ndarray]:
     """Per modality, the indices among its ``clear`` slices (rows of ``embeddings``) whose query mask has at
     least ``min_pixels`` pixels: what the model would report as a finding there."""
@@ -48,8 +53,7 @@ def hard_negatives(network: GroundedSegmenter, embeddings: torch.Tensor, detail_
     network.eval()
     try:
         for modality, rows in clear.items():
-            pixels = query_mask_pixels(network, embeddings[rows], None if detail_inputs is None else detail_inputs[rows],
-                                       modality, autocast=autocast)
+            pixels = query_mask_pixels(network, embeddings, detail_inputs, rows, modality, autocast=autocast)
             hard[modality] = np.asarray(rows, int)[pixels >= min_pixels]
     finally:
         network.train(was_training)

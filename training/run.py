@@ -20,7 +20,7 @@ from inference.model.litemedsam import ArchitectureError, WeightsError
 from inference.model.detail import context_indices
 from inference.model.grounded import GroundedConfig
 from inference.model.vocabulary import build_tokenizer
-from training.cache import CachedEncoderModel, EmbeddingCache
+from training.cache import CachedEncoderModel, EmbeddingCache, StoredEmbeddings
 from training.dataset import SliceSample, series_samples
 from training.evaluate import evaluate
 from training.sources import LabeledSeries, split_by_subject
@@ -92,14 +92,14 @@ def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negati
         positive = [s for s in series if s.labels]
         clear = [s for s in series if not s.labels and (s.image > 0.05).mean() > 0.02]
         picked = positive + [clear[i] for i in sorted(rng.permutation(len(clear))[:negatives if negatives is not None else len(clear)])]
-        embeddings.append(cache.get(np.stack([s.image for s in picked])))
+        embeddings.extend(cache.stored(np.stack([s.image for s in picked])).paths)
         if context is not None:
             stacks.append(np.stack([np.stack([series[j].image for j in context_indices(s.slice_index, len(series), context)])
                                     for s in picked]))
         samples.extend(picked)
         logger.info("series %d/%d (%s): %d slices with findings, %d clear", n, len(items), item.subject, len(positive),
                     len(picked) - len(positive))
-    return TrainingSet(samples, torch.cat(embeddings), np.concatenate(stacks) if stacks else None)
+    return TrainingSet(samples, StoredEmbeddings(embeddings), np.concatenate(stacks) if stacks else None)
 
 
 def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
@@ -107,9 +107,9 @@ def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
     frozen encoder is not mirror-symmetric, so a mirrored embedding cannot be made by flipping one). Twice the
     lesion shapes and positions for a decoder that otherwise fits a few hundred masks (README)."""
     flipped = [dataclasses.replace(s, image=mirror_images(s.image), masks=mirror_images(s.masks)) for s in data.samples]
-    embeddings = cache.get(np.stack([s.image for s in flipped])) if flipped else data.embeddings[:0]
+    embeddings = cache.stored(np.stack([s.image for s in flipped])) if flipped else StoredEmbeddings([])
     stacks = None if data.detail_inputs is None else np.concatenate([data.detail_inputs, mirror_images(data.detail_inputs)])
-    return TrainingSet(data.samples + flipped, torch.cat([data.embeddings, embeddings]), stacks)
+    return TrainingSet(data.samples + flipped, data.embeddings + embeddings, stacks)
 
 
 def starting_model(card: ModelCard, start_from: Path | None, device: torch.device) -> tuple[BuiltinModel, ModelCard | None]:

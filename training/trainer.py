@@ -29,6 +29,7 @@ from tqdm import tqdm
 from inference.model.builtin import BuiltinModel
 from inference.model.precision import native_bf16
 from inference.model.protocol import recognition_question
+from training.cache import StoredEmbeddings
 from training.dataset import SliceSample
 from training.hard_negatives import hard_negatives
 from training.loss import grounded_loss
@@ -101,10 +102,10 @@ class TrainConfig:
 
 @dataclass
 class TrainingSet:
-    """Samples with their cached embeddings (bf16, on the CPU), grouped by modality."""
+    """Samples with their cached embeddings (bf16, on the CPU; read from the disk cache batch by batch)."""
 
     samples: list[SliceSample]
-    embeddings: torch.Tensor  # (n, 256, 64, 64)
+    embeddings: StoredEmbeddings | torch.Tensor  # (n, 256, 64, 64) when indexed
     detail_inputs: np.ndarray | None = None  # (n, 2 * context + 1, size, size) float32: the detail branch's input
 
     def indices(self, modality: str, positive: bool) -> np.ndarray:
