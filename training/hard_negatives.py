@@ -19,11 +19,12 @@ import torch
 from inference.model.grounded import GroundedSegmenter
 from inference.model.protocol import recognition_question
 from training.cache import StoredEmbeddings
+from training.detail_stacks import DetailStacks
 
 
 @torch.inference_mode()
 def query_mask_pixels(network: GroundedSegmenter, embeddings: StoredEmbeddings | torch.Tensor,
-                      detail_inputs: np.ndarray | None, rows: np.ndarray, modality: str, batch_size: int = 16,
+                      detail_inputs: DetailStacks | np.ndarray | None, rows: np.ndarray, modality: str, batch_size: int = 16,
                       autocast: bool = False) -> np.ndarray:
     """Pixels of the [SEG] query's mask above ``mask_threshold`` per slice: (len(rows),) int. ``rows``: one
     modality's slices among ``embeddings`` (and ``detail_inputs``, the detail-branch stacks of models with
@@ -44,7 +45,7 @@ def query_mask_pixels(network: GroundedSegmenter, embeddings: StoredEmbeddings |
     return np.concatenate(counts) if counts else np.zeros(0, int)
 
 
-def hard_negatives(network: GroundedSegmenter, embeddings: StoredEmbeddings | torch.Tensor, detail_inputs: np.ndarray | None,
+def hard_negatives(network: GroundedSegmenter, embeddings: StoredEmbeddings | torch.Tensor, detail_inputs: DetailStacks | np.ndarray | None,
                    clear: Mapping[str, np.ndarray], min_pixels: int, autocast: bool = False) -> dict[str, np.ndarray]:
     """Per modality, the indices among its ``clear`` slices (rows of ``embeddings``) whose query mask has at
     least ``min_pixels`` pixels: what the model would report as a finding there."""

@@ -17,11 +17,11 @@ import torch
 from inference.model.builtin import BuiltinModel, mirror_images, pick_device
 from inference.model.card import CARD_FILE, ModelCard
 from inference.model.litemedsam import ArchitectureError, WeightsError
-from inference.model.detail import context_indices
 from inference.model.grounded import GroundedConfig
 from inference.model.vocabulary import build_tokenizer
 from training.cache import CachedEncoderModel, EmbeddingCache, StoredEmbeddings
 from training.dataset import SliceSample, series_samples
+from training.detail_stacks import DetailStacks
 from training.evaluate import evaluate
 from training.sources import LabeledSeries, split_by_subject
 from training.trainer import TrainConfig, Trainer, TrainingSet
@@ -93,13 +93,14 @@ def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negati
         clear = [s for s in series if not s.labels and (s.image > 0.05).mean() > 0.02]
         picked = positive + [clear[i] for i in sorted(rng.permutation(len(clear))[:negatives if negatives is not None else len(clear)])]
         embeddings.extend(cache.stored(np.stack([s.image for s in picked])).paths)
-        if context is not None:
-            stacks.append(np.stack([np.stack([series[j].image for j in context_indices(s.slice_index, len(series), context)])
-                                    for s in picked]))
+        if context is not None:  # the series' slices held once, by the stacks and the samples alike
+            volume = np.stack([s.image for s in series])
+            picked = [dataclasses.replace(s, image=volume[s.slice_index]) for s in picked]
+            stacks.append(DetailStacks.of_series(volume, [s.slice_index for s in picked], context))
         samples.extend(picked)
         logger.info("series %d/%d (%s): %d slices with findings, %d clear", n, len(items), item.subject, len(positive),
                     len(picked) - len(positive))
-    return TrainingSet(samples, StoredEmbeddings(embeddings), np.concatenate(stacks) if stacks else None)
+    return TrainingSet(samples, StoredEmbeddings(embeddings), DetailStacks.joined(stacks) if stacks else None)
 
 
 def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
@@ -108,7 +109,7 @@ def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
     lesion shapes and positions for a decoder that otherwise fits a few hundred masks (README)."""
     flipped = [dataclasses.replace(s, image=mirror_images(s.image), masks=mirror_images(s.masks)) for s in data.samples]
     embeddings = cache.stored(np.stack([s.image for s in flipped])) if flipped else StoredEmbeddings([])
-    stacks = None if data.detail_inputs is None else np.concatenate([data.detail_inputs, mirror_images(data.detail_inputs)])
+    stacks = None if data.detail_inputs is None else data.detail_inputs + data.detail_inputs.mirrored()
     return TrainingSet(data.samples + flipped, data.embeddings + embeddings, stacks)
 
 

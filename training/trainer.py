@@ -31,6 +31,7 @@ from inference.model.precision import native_bf16
 from inference.model.protocol import recognition_question
 from training.cache import StoredEmbeddings
 from training.dataset import SliceSample
+from training.detail_stacks import DetailStacks
 from training.hard_negatives import hard_negatives
 from training.loss import grounded_loss
 
@@ -106,7 +107,7 @@ class TrainingSet:
 
     samples: list[SliceSample]
     embeddings: StoredEmbeddings | torch.Tensor  # (n, 256, 64, 64) when indexed
-    detail_inputs: np.ndarray | None = None  # (n, 2 * context + 1, size, size) float32: the detail branch's input
+    detail_inputs: DetailStacks | None = None  # (n, 2 * context + 1, size, size) float32 when indexed: the detail branch's input
 
     def indices(self, modality: str, positive: bool) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.samples) if s.modality == modality and bool(s.labels) == positive], int)
