@@ -301,9 +301,12 @@ def test_a_2_5d_model_finds_its_lesions_through_the_engine_and_keeps_them_in_its
         loaded.interpret(images, QUESTION)
 
 
-def test_a_failed_compile_encodes_eagerly_and_is_not_tried_again(monkeypatch):
+def test_a_failed_compile_encodes_eagerly_and_is_not_tried_again(monkeypatch, caplog):
     """Where torch.compile's encoder fails (no C++ compiler, say), encoding goes on eagerly with the same
-    embeddings, and the training cache's next call to compile_encoder does not pay for a second failure."""
+    embeddings, and the training cache's next call to compile_encoder does not pay for a second failure. The
+    warning names the reason in one line; the traceback goes to the debug log."""
+    import logging
+
     from tests.conftest import tiny_card
 
     model = BuiltinModel.new(tiny_card())
@@ -320,7 +323,11 @@ def test_a_failed_compile_encodes_eagerly_and_is_not_tried_again(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", failing)
     model.compile_encoder()
-    torch.testing.assert_close(model.encode(images), eager)
+    with caplog.at_level(logging.DEBUG, logger="inference.model.builtin"):
+        torch.testing.assert_close(model.encode(images), eager)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == "the compiled encoder failed (RuntimeError: no C++ compiler); encoding eagerly from now on"
+    assert warning.exc_info is None and any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)
     model.compile_encoder()
     assert len(compiles) == 1
     torch.testing.assert_close(model.encode(images), eager)

@@ -160,8 +160,12 @@ class BuiltinModel:
             try:
                 return torch.cat([self._compiled(image[None, None].expand(-1, 3, -1, -1).contiguous()).float()
                                   for image in batch])
-            except Exception:  # noqa: BLE001 - torch.compile's failures are many (no compiler, unsupported op)
-                logger.warning("the compiled encoder failed; encoding eagerly from now on", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - torch.compile's failures are many (no compiler, unsupported op)
+                # One line for the admin (a failed g++ run's traceback and command line fill a screen); the whole
+                # of it at DEBUG for whoever must find out why.
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                logger.warning("the compiled encoder failed (%s: %s); encoding eagerly from now on", type(exc).__name__, reason)
+                logger.debug("the compiled encoder's failure", exc_info=True)
                 self._compiled, self._compile_failed = None, True
                 self.network.image_encoder.to(memory_format=torch.channels_last)
                 return None
