@@ -35,15 +35,13 @@ class DetailStacks:
 
     @classmethod
     def joined(cls, parts: Sequence[DetailStacks]) -> DetailStacks:
-        """The rows of ``parts`` one after another (the volumes are shared, not copied)."""
+        """The rows of ``parts`` (one or more) one after another; the volumes are shared, not copied."""
         volumes: list[np.ndarray] = []
         series = []
         for part in parts:
             series.append(part.series + len(volumes))
             volumes.extend(part.volumes)
-        width = parts[0].members.shape[1] if parts else 1
-        return cls(tuple(volumes), np.concatenate(series) if series else np.zeros(0, int),
-                   np.concatenate([p.members for p in parts]) if parts else np.zeros((0, width), int))
+        return cls(tuple(volumes), np.concatenate(series), np.concatenate([p.members for p in parts]))
 
     def __len__(self) -> int:
         return len(self.series)
