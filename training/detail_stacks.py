@@ -53,8 +53,7 @@ class DetailStacks:
         if isinstance(rows, (int, np.integer)):
             return self.volumes[self.series[rows]][self.members[rows]]
         picked = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, int).reshape(-1)
-        size = self.volumes[0].shape[1:] if self.volumes else (0, 0)
-        out = np.empty((len(picked), self.members.shape[1], *size), np.float32)
+        out = np.empty((len(picked), self.members.shape[1], *self.volumes[0].shape[1:]), np.float32)
         for n, row in enumerate(picked):
             out[n] = self.volumes[self.series[row]][self.members[row]]
         return out
