@@ -9,7 +9,8 @@ from pathlib import Path
 from inference.model.builtin import BuiltinModel
 from inference.model.precision import EncoderPrecision
 from training.cache import EmbeddingCache
-from training.sources import LabeledSeries, SyntheticSpec, split_by_subject, synthetic
+from training.sources import (LabeledSeries, SyntheticSpec, held_out_subjects, split_by_subject, synthetic,
+                              synthetic_subject)
 
 
 def add_subject_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
@@ -22,6 +23,10 @@ def add_subject_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
     parser.add_argument("--precision", choices=[p.value for p in EncoderPrecision], default="card",
                         help="the encoder's precision: as the card says it was trained (default), as the node's "
                              "\"auto\" picks it on this machine, or another")
+    parser.add_argument("--unseen-by", type=_counts, action="append", default=[], metavar="MR,CT",
+                        help="only the subjects that a model trained by `train --synthetic --mr-subjects MR "
+                             "--ct-subjects CT` (seed 0, its default split) did not train on; repeat it to compare "
+                             "models trained on different counts on subjects neither has seen")
 
 
 def subjects(args: argparse.Namespace, held_out: bool = False) -> tuple[list[LabeledSeries], BuiltinModel, EmbeddingCache]:
@@ -30,5 +35,32 @@ def subjects(args: argparse.Namespace, held_out: bool = False) -> tuple[list[Lab
     items = synthetic(args.data / "synthetic", SyntheticSpec(args.mr, args.ct, args.seed))
     if held_out:
         items = split_by_subject(items)[1]  # as `train` splits by default (a quarter, training seed 0)
+    items = unseen_by(items, args.unseen_by)
     model = BuiltinModel.load(args.model, precision=args.precision)
     return items, model, EmbeddingCache(args.data / "cache", model)
+
+
+def trained_subjects(mr_subjects: int, ct_subjects: int) -> set[str]:
+    """The synthetic subjects that `train --synthetic` on these counts trains on: those its default split (a
+    quarter held out, training seed 0) does not hold out."""
+    trained: set[str] = set()
+    for modality, count in (("MR", mr_subjects), ("CT", ct_subjects)):
+        names = [synthetic_subject(modality, i) for i in range(count)]
+        trained |= set(names) - held_out_subjects(names)
+    return trained
+
+
+def unseen_by(items: list[LabeledSeries], runs: list[tuple[int, int]]) -> list[LabeledSeries]:
+    """The items that none of the runs (each its MR and CT subject counts) trained on."""
+    seen = set().union(*(trained_subjects(mr, ct) for mr, ct in runs))
+    return [item for item in items if item.subject not in seen]
+
+
+def _counts(text: str) -> tuple[int, int]:
+    try:
+        mr, ct = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MR,CT subject counts such as 80,80, not {text!r}") from None
+    if mr < 0 or ct < 0:
+        raise argparse.ArgumentTypeError(f"subject counts cannot be negative: {text!r}")
+    return mr, ct

@@ -1,11 +1,16 @@
 """Comparing a retrained checkpoint with the one it should reproduce: figures counted in lesions, weights."""
 
+import argparse
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from benchmarks.compare_models import compare_cards, compare_weights
+from benchmarks.subjects import _counts, trained_subjects, unseen_by
 from inference.model.card import ModelCard
+from training.sources import LabeledSeries, split_by_subject, synthetic_subject
 
 
 def _card(found: int, false_positives: int) -> ModelCard:
@@ -38,3 +43,23 @@ def test_weights_equal_and_apart(tmp_path):
     save_file({"a": torch.zeros(3, 2), "b": weights["b"]}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not the same architecture"):
         compare_weights(tmp_path / "first.safetensors", tmp_path / "other.safetensors")
+
+
+def _subjects(mr: int, ct: int) -> list[LabeledSeries]:
+    return [LabeledSeries(synthetic_subject(modality, i), modality, [Path(f"{modality}{i}")], Path("seg"))
+            for modality, count in (("MR", mr), ("CT", ct)) for i in range(count)]
+
+
+def test_models_trained_on_other_counts_are_compared_on_subjects_neither_trained_on():
+    trained_on_80 = {item.subject for item in split_by_subject(_subjects(80, 80))[0]}
+    assert trained_subjects(80, 80) == trained_on_80  # what `train` on 80 + 80 subjects trains on
+    held_out_of_160 = split_by_subject(_subjects(160, 0))[1]
+    kept = unseen_by(held_out_of_160, [(80, 80)])
+    assert {item.subject for item in kept} == {item.subject for item in held_out_of_160} - trained_on_80
+    assert 0 < len(kept) < len(held_out_of_160)  # the two splits hold out different subjects
+    assert unseen_by(held_out_of_160, [(160, 0)]) == held_out_of_160  # the larger run's own held-out split
+    assert unseen_by(held_out_of_160, [(160, 0), (80, 80)]) == kept
+    assert _counts("160,0") == (160, 0)
+    for wrong in ("80", "80,x", "-1,80"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _counts(wrong)

@@ -135,27 +135,34 @@ class SyntheticSpec:
     seed: int = 0
 
 
+def synthetic_subject(modality: str, number: int) -> str:
+    """The Patient ID (and folder name) of synthetic subject ``number`` of a modality: the first N subjects of any
+    run are the same, so a run's subjects are known from its counts."""
+    return f"SYN-{modality}-{number:04d}"
+
+
 def synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec()) -> list[LabeledSeries]:
     """Write the synthetic studies as DICOM + SEG into ``folder/seed-N`` and list them. A subject is a pure
     function of (seed, kind, number), so subjects already written are kept: asking for more adds only the new."""
     folder = folder / f"seed-{spec.seed}"
     heads: dict = {}
     for i in range(spec.mr_subjects):
-        target = folder / f"SYN-MR-{i:04d}"
+        target = folder / synthetic_subject("MR", i)
         if not (target / "seg.dcm").is_file():
             heads = heads or {name: load() for name, load in HEADS.items()}
             rng = np.random.default_rng([spec.seed, 1, i])
             study = brain_tumor_study(heads[list(heads)[i % len(heads)]], rng, positive=i % 4 != 3)
             _write_study(target, study, default_label="Brain tumor")
     for i in range(spec.ct_subjects):
-        target = folder / f"SYN-CT-{i:04d}"
+        target = folder / synthetic_subject("CT", i)
         if not (target / "seg.dcm").is_file():
             rng = np.random.default_rng([spec.seed, 2, i])
             region = "abdomen" if i % 2 == 0 else "chest"
             lesions = 0 if i % 4 == 3 else int(rng.integers(1, 3))
             study = ct_study(rng, region, lesions)
             _write_study(target, study, default_label="Liver tumor" if region == "abdomen" else "Lung nodule")
-    wanted = {f"SYN-MR-{i:04d}" for i in range(spec.mr_subjects)} | {f"SYN-CT-{i:04d}" for i in range(spec.ct_subjects)}
+    wanted = ({synthetic_subject("MR", i) for i in range(spec.mr_subjects)}
+              | {synthetic_subject("CT", i) for i in range(spec.ct_subjects)})
     return [item for item in from_folder(folder) if item.subject in wanted]
 
 
@@ -172,11 +179,17 @@ def split_by_subject(items: list[LabeledSeries], held_out: float = 0.25, seed: i
     """(training, evaluation): whole subjects, about ``held_out`` of the subjects of each modality held out."""
     train, evaluate = [], []
     for modality in sorted({i.modality for i in items}):
-        subjects = sorted({i.subject for i in items if i.modality == modality})
-        order = np.random.default_rng([seed, len(subjects)]).permutation(len(subjects))
-        count = max(1, round(held_out * len(subjects))) if len(subjects) > 1 else 0
-        chosen = {subjects[k] for k in order[:count]}
+        chosen = held_out_subjects([i.subject for i in items if i.modality == modality], held_out, seed)
         for item in items:
             if item.modality == modality:
                 (evaluate if item.subject in chosen else train).append(item)
     return train, evaluate
+
+
+def held_out_subjects(subjects: list[str], held_out: float = 0.25, seed: int = 0) -> set[str]:
+    """The subjects of one modality that :func:`split_by_subject` holds out. A function of the set of names and
+    the seed only: a run on more subjects holds out others, which is why comparing two runs needs both splits."""
+    names = sorted(set(subjects))
+    order = np.random.default_rng([seed, len(names)]).permutation(len(names))
+    count = max(1, round(held_out * len(names))) if len(names) > 1 else 0
+    return {names[k] for k in order[:count]}
