@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -492,21 +493,22 @@ def test_a_tracked_lesion_in_parts_is_one_lesion_and_trains_as_one_finding(tmp_p
 
 
 @pytest.mark.slow
-def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_path, capsys):
+def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_path, capsys, caplog):
     from dicom_node.cli import main
     from dicom_node.config import load_config
     from dicom_node.jobs import JobService
     from dicom_node.model_registry import SHIPPED_MODEL
     from tests.localpeers import write_node_config
 
-    for subject in ("A", "B"):
+    caplog.set_level(logging.DEBUG, logger="training")
+    for folder, patient_id in (("a", "PID-0417"), ("b", "PID-0418")):
         voxels = np.full((4, 48, 48), -1000.0, np.float32)
         voxels[:, 4:44, 4:44] = 40.0
         mask = np.zeros(voxels.shape, bool)
         mask[1:3, 15:30, 15:30] = True
         voxels[mask] = 150.0
-        paths = write_series(tmp_path / "data" / subject, voxels, SeriesHeader(subject, "CT"), 5.0, 5.0)
-        write_ground_truth(tmp_path / "data" / subject / "seg.dcm", paths, {"Liver tumor": mask})
+        paths = write_series(tmp_path / "data" / folder, voxels, SeriesHeader(patient_id, "CT"), 5.0, 5.0)
+        write_ground_truth(tmp_path / "data" / folder / "seg.dcm", paths, {"Liver tumor": mask})
     config_path = write_node_config(tmp_path / "node", 11112, [], extra='\n[[routes]]\nname = "all"\nmodel = "active"\n')
     out = tmp_path / "model"
     assert main(["train", "--folder", str(tmp_path / "data"), "--steps", "2", "--out", str(out), "--version", "v-test",
@@ -522,6 +524,11 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     assert (out / "model.safetensors").stat().st_size < 25 * 2**20
     printed = capsys.readouterr()
     assert "registered (not active" in printed.out and "training:" not in printed.err  # --quiet: no progress bar
+    # A hospital's training subjects are its Patient IDs: the log says where training is, never whose series
+    progress = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("series 1/1 (CT)" in m for m in progress) and any("evaluated series 1/1 (CT)" in m for m in progress)
+    assert not [m for m in progress if "PID-04" in m]
+    assert any("PID-04" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)  # for tracing
 
     # Fine-tuning the registered version: its weights, shape and operating point, and a record of where it started
     tuned = tmp_path / "tuned"

@@ -229,10 +229,11 @@ def summarize(records: list[SeriesRecord]) -> dict:
 def evaluate(items: list[LabeledSeries], model) -> dict:  # type: ignore[no-untyped-def]
     """Metrics per modality and over all held-out series."""
     records = []
-    for item in items:
+    for n, item in enumerate(items, start=1):
         records.append(evaluate_series(item, model))
-        logger.info("evaluated %s (%s): %d/%d lesions found, %d false positive(s)", item.subject, item.modality,
+        logger.info("evaluated series %d/%d (%s): %d/%d lesions found, %d false positive(s)", n, len(items), item.modality,
                     records[-1].detected, records[-1].true_lesions, records[-1].false_positives)
+        logger.debug("series %d/%d is subject %s", n, len(items), item.subject)  # a Patient ID: never at INFO
     metrics = {modality: summarize([r for r in records if r.modality == modality]) for modality in sorted({r.modality for r in records})}
     metrics["all"] = summarize(records)
     return metrics

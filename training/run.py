@@ -98,8 +98,9 @@ def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negati
             picked = [dataclasses.replace(s, image=volume[s.slice_index]) for s in picked]
             stacks.append(DetailStacks.of_series(volume, [s.slice_index for s in picked], context))
         samples.extend(picked)
-        logger.info("series %d/%d (%s): %d slices with findings, %d clear", n, len(items), item.subject, len(positive),
+        logger.info("series %d/%d (%s): %d slices with findings, %d clear", n, len(items), item.modality, len(positive),
                     len(picked) - len(positive))
+        logger.debug("series %d/%d is subject %s", n, len(items), item.subject)  # a Patient ID: never at INFO
     return TrainingSet(samples, StoredEmbeddings(embeddings), DetailStacks.joined(stacks) if stacks else None)
 
 
