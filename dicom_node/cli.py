@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dicom_node import __version__
 from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, NodeConfig, load_config
+from dicom_node.privacy import keep_patient_data_out_of_logs
 
 logger = logging.getLogger("dicom_node")
 
@@ -97,6 +98,7 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    keep_patient_data_out_of_logs(debug=level == "DEBUG")
     if level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO

@@ -6,6 +6,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from sqlalchemy.exc import SQLAlchemyError
@@ -60,9 +63,13 @@ def identifier_to_query(identifier: Dataset) -> dict[str, str]:
 
 
 def match_to_dataset(level: QueryLevel, match: dict[str, Any]) -> Dataset:
+    """The answer as stored, unvalidated: pydicom would log a malformed stored value (a birth date written
+    "01/01/1980", say) at WARNING, the value with it, and a C-FIND answers what the node holds."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = level.value
     for keyword, value in match.items():
-        setattr(ds, keyword, "" if value is None else value)
+        tag = tag_for_keyword(keyword)
+        if tag is not None:
+            ds[tag] = DataElement(tag, dictionary_VR(tag), "" if value is None else value, validation_mode=config.IGNORE)
     return ds

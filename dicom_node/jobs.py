@@ -199,8 +199,11 @@ class JobService:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:
             logger.info("scheduled training registered a new model (not active): %s", done.stdout.strip().splitlines()[0:1])
-        else:
-            logger.warning("scheduled training did not produce a model (exit %d): %s", done.returncode, done.stderr.strip()[-500:])
+        else:  # only its own "error:" lines: at DEBUG its log names subjects (Patient IDs)
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+            logger.warning("scheduled training did not produce a model (exit %d): %s", done.returncode,
+                           " ".join(errors)[-500:] or "no error message; its output is in the DEBUG log")
+            logger.debug("scheduled training's output: %s", done.stderr.strip()[-2000:])
         return done.returncode
 
     def _claim(self, job_id: int) -> Claim | None:

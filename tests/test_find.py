@@ -1,5 +1,6 @@
 """C-FIND (Study Root) answered from the index, driven by DCMTK findscu."""
 
+import logging
 import warnings
 
 import pytest
@@ -74,3 +75,18 @@ def test_series_and_image_levels_with_uid_lists(running_node, two_studies):
 def test_find_refused_to_peer_without_find_permission(running_node, two_studies, caplog):
     assert findscu(running_node.port, "STUDY", {"PatientID": ""}, calling_ae="ECHOONLY") == []
     assert "find refused to 'ECHOONLY'" in caplog.text
+
+
+def test_a_malformed_stored_value_is_answered_as_stored_and_not_logged(caplog):
+    """A birth date a PACS sent as "01/01/1980" is what the node holds: the answer gives it back, and building
+    the answer does not make pydicom log or warn it (its value check quotes the value at WARNING)."""
+    from dicom_node.find import match_to_dataset
+    from storage.query import QueryLevel
+
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = match_to_dataset(QueryLevel.STUDY, {"PatientBirthDate": "01/01/1980", "PatientName": "Doe^Jane",
+                                                 "NumberOfStudyRelatedInstances": 3, "StudyDate": None})
+    assert (ds.PatientBirthDate, str(ds.PatientName), ds.NumberOfStudyRelatedInstances, ds.StudyDate) == ("01/01/1980", "Doe^Jane", 3, "")
+    assert "01/01/1980" not in caplog.text and not [w for w in caught if "01/01/1980" in str(w.message)]

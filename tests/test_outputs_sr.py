@@ -1,9 +1,14 @@
 """The TID 1500 SR the node writes: valid for dciodvfy, explicit about no findings and about scope."""
 
+import logging
+import warnings
+
 import highdicom as hd
 import pytest
+from pydicom import config
 
 from dicom_node.outputs.seg import build_seg
+from dicom_node.privacy import keep_patient_data_out_of_logs
 from dicom_node.outputs.sr import build_sr
 from inference.engine import Assessment, SeriesResult
 from tests.test_outputs_seg import ALGORITHM, dciodvfy_errors, series_with_lesions  # noqa: F401 - fixture
@@ -45,3 +50,25 @@ def test_no_findings_and_not_assessed_are_explicit(series_with_lesions, tmp_path
     assert says in values
     if reason:
         assert f"Not assessed: {reason}" in values
+
+
+def test_malformed_birth_date_and_one_part_name_still_give_valid_outputs_and_no_name_in_warnings(series_with_lesions, tmp_path,
+                                                                                                    monkeypatch):
+    """Common PACS data: a birth date written 1980-01-01 failed the job (the date in its error), and highdicom
+    warned on the node's stderr with the name of a patient called "DOE"."""
+    sources, volume, lesions, _ = series_with_lesions
+    with config.disable_value_validation():
+        for ds in sources:
+            ds.PatientName, ds.PatientBirthDate, ds.StudyTime = "DOE", "1980-01-01", "25:99"
+    with warnings.catch_warnings(record=True) as caught:
+        monkeypatch.setattr(logging.getLogger("pydicom"), "level", logging.getLogger("pydicom").level)  # restored after
+        keep_patient_data_out_of_logs(debug=False)  # as the node sets up its log
+        warnings.filterwarnings("always", category=UserWarning, append=True)  # after the node's own filters
+        seg = build_seg(sources, volume, lesions, ALGORITHM)
+        sr = build_sr(sources, volume, SeriesResult(Assessment.ASSESSED, "", lesions, ALGORITHM.version), seg, ALGORITHM)
+    assert not [w for w in caught if "DOE" in str(w.message)]
+    for name, written in (("seg", seg), ("sr", sr)):
+        written.save_as(tmp_path / f"{name}.dcm")
+        assert dciodvfy_errors(tmp_path / f"{name}.dcm") == []
+        assert (written.PatientName, written.PatientBirthDate, written.StudyTime) == ("DOE", "", "")  # type 2: empty
+    assert sources[0].PatientBirthDate == "1980-01-01"  # the caller's data sets are left as they were

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
 from dicom_node.outputs.codes import codes_for
@@ -26,6 +27,10 @@ _TYPE2_DEFAULTS = {
     "PatientName": "", "PatientID": "", "PatientBirthDate": "", "PatientSex": "", "StudyDate": "", "StudyTime": "",
     "ReferringPhysicianName": "", "AccessionNumber": "", "StudyID": "", "Manufacturer": "",
 }
+
+# Type 2 dates and times that highdicom parses: a malformed one in a source ("1980-01-01") would fail the job
+# with the value in its error; the copy gets it empty, which type 2 allows.
+_TYPE2_PARSED = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ def _copy(ds: Dataset) -> Dataset:
 
 
 def sources_with_type2(sources: list[Dataset], volume: Volume) -> list[Dataset]:
-    """Copies of the source instances in the volume's slice order, with missing type 2 attributes added."""
+    """Copies of the source instances in the volume's slice order, with missing type 2 attributes added and
+    malformed type 2 dates and times emptied."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if any(ref.frame_number is not None for ref in volume.sources):
         raise OutputError("SEG for multi-frame sources is not supported yet")
@@ -122,6 +128,13 @@ def sources_with_type2(sources: list[Dataset], volume: Volume) -> list[Dataset]:
         for keyword, value in _TYPE2_DEFAULTS.items():
             if keyword not in ds:
                 setattr(ds, keyword, value)
+        for keyword, parse in _TYPE2_PARSED.items():
+            if ds[keyword].value:
+                try:
+                    parse(ds[keyword].value)
+                except (ValueError, TypeError):  # TypeError: several values where one is allowed
+                    delattr(ds, keyword)  # a new element: the one there is the caller's (see _copy)
+                    setattr(ds, keyword, "")
         if "SliceThickness" not in ds:
             ds.SliceThickness = float(volume.spacing[2])
     return ordered
