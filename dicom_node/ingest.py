@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 import struct
 import warnings
+import zlib
 from io import BytesIO
 
 from pydicom import dcmread
@@ -18,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 from storage.index import InstanceRecord
+from storage.models import SQL_INTEGER_RANGE, Base
 from dicom_node import status
 from dicom_node.header import HeaderFormatError, UnexpectedImplicitVRError, read_elements
 from storage.uids import InvalidUIDError, is_valid_uid, validate_uid
@@ -38,6 +40,11 @@ _TEXT_KEYWORDS = {
     "BodyPartExamined": "body_part_examined",
 }
 _INT_KEYWORDS = {"SeriesNumber": "series_number", "InstanceNumber": "instance_number", "NumberOfFrames": "number_of_frames"}
+# What the index's columns hold (an SQL INTEGER; each text column's length): a value beyond it is made to fit,
+# since PostgreSQL would refuse the row, SQLite the integer, and the instance with them (see _fitting, _int).
+_DATE_TIME_COLUMNS = {"patient_birth_date", "study_date", "study_time"}
+_COLUMN_LENGTHS = {column.name: column.type.length for table in Base.metadata.tables.values()
+                   for column in table.columns if getattr(column.type, "length", None)}
 _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 _HEADER_KEYWORDS = ("SpecificCharacterSet", "FrameOfReferenceUID", *_UID_KEYWORDS, *_TEXT_KEYWORDS, *_INT_KEYWORDS)
 HEADER_TAGS = [Tag(k) for k in _HEADER_KEYWORDS]
@@ -128,7 +135,8 @@ def _read_header_pydicom(file_bytes: bytes) -> dict[str, str]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             header = dcmread(BytesIO(file_bytes), stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
+            zlib.error, struct.error) as exc:  # zlib: a corrupt deflated data set; struct: a truncated header
         raise InvalidInstanceError(status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
     truncated = [w for w in caught if "End of file reached" in str(w.message)]
     if truncated:
@@ -145,7 +153,7 @@ def to_record(header: dict[str, str], transfer_syntax_uid: str, calling_ae: str,
             uids[keyword] = validate_uid(value, keyword)
         except InvalidUIDError as exc:
             raise InvalidInstanceError(status.MISSING_UID if not value else status.INVALID_UID, str(exc)) from None
-    fields: dict[str, object] = {name: header.get(kw, "") for kw, name in _TEXT_KEYWORDS.items()}
+    fields: dict[str, object] = {name: _fitting(header.get(kw, ""), name) for kw, name in _TEXT_KEYWORDS.items()}
     fields.update({name: _int(header.get(kw, "")) for kw, name in _INT_KEYWORDS.items()})
     fields["number_of_frames"] = fields["number_of_frames"] or 1
     frame_of_reference = header.get("FrameOfReferenceUID", "")
@@ -183,8 +191,20 @@ def value_text(value: object) -> str:
 
 
 def _int(text: str) -> int | None:
-    """An IS value; a malformed one is dropped from the index rather than refusing the instance."""
+    """An IS value; a malformed one, or one no SQL INTEGER holds, is dropped from the index rather than refusing
+    the instance (the file keeps it)."""
     try:
-        return int(text.split("\\")[0]) if text else None
+        value = int(text.split("\\")[0]) if text else None
     except ValueError:
         return None
+    return value if value is None or value in SQL_INTEGER_RANGE else None
+
+
+def _fitting(text: str, column: str) -> str:
+    """A text value cut to its index column where it is longer (longer than its VR allows: a 70-character
+    description); a date or time that long is malformed ("1980-01-01") and dropped instead. The file keeps
+    the value as sent."""
+    length = _COLUMN_LENGTHS.get(column, len(text))
+    if len(text) <= length:
+        return text
+    return "" if column in _DATE_TIME_COLUMNS else text[:length]

@@ -11,6 +11,9 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The values an SQL INTEGER column holds on every database the node supports (PostgreSQL's int4).
+SQL_INTEGER_RANGE = range(-(2**31), 2**31)
+
 
 class Base(DeclarativeBase):
     pass

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, and_, cast, func, or_, select
+from sqlalchemy import ColumnElement, Select, String, and_, cast, false, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 logger = logging.getLogger(__name__)
 
-from storage.models import Instance, Patient, Series, Study
+from storage.models import SQL_INTEGER_RANGE, Instance, Patient, Series, Study
 
 
 class QueryLevel(str, Enum):
@@ -136,9 +136,11 @@ def _condition(key: Key, value: str) -> ColumnElement[bool] | None:
         return cast(column, String).like(pattern, escape="\\")  # integer keys too (SeriesNumber=1*)
     if column.type.python_type is int:
         try:
-            return column == int(text)
+            number = int(text)
         except ValueError:
             raise QueryError(f"{text!r} is not a number") from None
+        # Beyond an SQL INTEGER nothing is stored (ingest drops it) and SQLite cannot even bind it: no match.
+        return column == number if number in SQL_INTEGER_RANGE else false()
     if key.match == Match.NAME:
         return func.lower(column) == text.lower()
     return column == text

@@ -1,5 +1,6 @@
 """Index rules that C-FIND and the receiver rely on (regressions found in review)."""
 
+import dataclasses
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select
@@ -44,3 +45,15 @@ def test_patients_with_empty_or_shared_ids_are_not_merged(tmp_path):
         names = dict(session.execute(select(Study.study_instance_uid, Patient.patient_name).join(Patient)).all())
     assert names == {"3.1": "ALICE", "3.2": "CAROL", "3.3": "ALICE"}
     assert counts(sessions)[0] == 2
+
+
+def test_a_number_beyond_any_stored_one_matches_nothing(tmp_path):
+    """C-FIND InstanceNumber=111111111111111111111: SQLite cannot bind it (OverflowError), which failed the
+    query with a traceback; nothing stored can equal it, so it matches nothing."""
+    from storage.query import QueryLevel, find
+
+    index, sessions = writer(tmp_path)
+    index.commit(dataclasses.replace(record("1.1", "2.1", "3.1", "P1", "A^B"), instance_number=3), None)
+    with sessions() as session:
+        assert list(find(session, QueryLevel.IMAGE, {"InstanceNumber": "1" * 21, "SOPInstanceUID": ""})) == []
+        assert [m["SOPInstanceUID"] for m in find(session, QueryLevel.IMAGE, {"InstanceNumber": "3", "SOPInstanceUID": ""})] == ["1.1"]

@@ -103,3 +103,25 @@ def test_malformed_numbers_do_not_refuse_the_instance():
               "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "InstanceNumber": "1A", "SeriesNumber": "7"}
     record = to_record(header, "1.2.840.10008.1.2", "X", datetime.now(timezone.utc))
     assert record.instance_number is None and record.series_number == 7 and record.number_of_frames == 1
+
+
+def test_values_beyond_the_index_columns_do_not_refuse_the_instance():
+    """PostgreSQL refuses a string longer than its column and SQLite an integer beyond 64 bits: the instance
+    was answered "out of resources" for ever. The index keeps what fits; the file keeps everything."""
+    header = {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.4",
+              "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "PatientBirthDate": "1980-01-01", "StudyDate": "20260101",
+              "StudyDescription": "D" * 70, "PatientID": "P" * 65, "SeriesNumber": "1" * 21, "InstanceNumber": "2147483648"}
+    record = to_record(header, "1.2.840.10008.1.2", "X", datetime.now(timezone.utc))
+    assert (record.patient_birth_date, record.study_date) == ("", "20260101")  # a malformed date: dropped
+    assert (record.study_description, record.patient_id) == ("D" * 64, "P" * 64)  # cut to the column
+    assert record.series_number is None and record.instance_number is None
+    assert to_record({**header, "InstanceNumber": "-2147483648"}, "1.2.840.10008.1.2", "X",
+                     datetime.now(timezone.utc)).instance_number == -2147483648
+
+
+def test_a_corrupt_deflated_data_set_is_cannot_understand():
+    deflated = "1.2.840.10008.1.2.1.99"
+    meta = file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", "1.2.3", deflated, "X")
+    with pytest.raises(InvalidInstanceError) as info:
+        read_header(meta, b"\x78\x9c" + b"\xff" * 64, deflated)  # a zlib header, then garbage
+    assert info.value.status == status.CANNOT_UNDERSTAND
