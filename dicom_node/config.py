@@ -10,6 +10,7 @@ the same whatever directory it is started from.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import socket
@@ -241,6 +242,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"routes[{i}].name", f"{name!r} is listed twice")
+    for i, route in enumerate(routes):  # a misspelt AE title would leave the route matching nothing, silently
+        for unknown in sorted(route.peers - seen):
+            raise ConfigError(f"routes[{i}].peers", f"{unknown!r} is not a configured peer (no [[peers]] has that ae_title)")
     training = _parse_training(_table(raw, "training"))
     return NodeConfig(node=node, storage=storage, peers=peers, source=source, jobs=jobs, routes=routes, training=training)
 
@@ -343,16 +347,21 @@ def _parse_node(raw: dict[str, Any], base_dir: Path) -> NodeSection:
     level = _get(raw, "node.log_level", str, defaults.log_level).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("node.log_level", f"{level!r} must be DEBUG, INFO, WARNING or ERROR")
+    workers = _get(raw, "node.workers", int, defaults.workers, minimum=0)
+    port = _port(raw.get("port", defaults.port), "node.port", allow_zero=True)
+    if port == 0 and (workers or os.cpu_count() or 1) > 1:
+        raise ConfigError("node.port", "0 (any free port) needs node.workers = 1: each worker would listen on a port "
+                                       "of its own, and peers could reach none of them")
     max_pdu = _get(raw, "node.max_pdu", int, defaults.max_pdu)
     if max_pdu != 0 and not 4096 <= max_pdu <= 0xFFFFFFFF:
         raise ConfigError("node.max_pdu", f"{max_pdu} must be 0 (unlimited) or 4096 to 4294967295 bytes")
     return NodeSection(
         ae_title=validate_ae_title(raw.get("ae_title", defaults.ae_title), "node.ae_title"),
         host=_get(raw, "node.host", str, defaults.host),
-        port=_port(raw.get("port", defaults.port), "node.port", allow_zero=True),
+        port=port,
         max_pdu=max_pdu,
         max_associations=_positive(raw, "node.max_associations", int, defaults.max_associations),
-        workers=_get(raw, "node.workers", int, defaults.workers, minimum=0),
+        workers=workers,
         network_timeout_s=_positive(raw, "node.network_timeout_s", float, defaults.network_timeout_s),
         acse_timeout_s=_positive(raw, "node.acse_timeout_s", float, defaults.acse_timeout_s),
         dimse_timeout_s=_positive(raw, "node.dimse_timeout_s", float, defaults.dimse_timeout_s),
@@ -407,9 +416,12 @@ def _parse_peer(raw: Any, key: str) -> Peer:
         except ValueError:
             choices = ", ".join(p.value for p in Permission)
             raise ConfigError(f"{key}.allow", f"{item!r} is not one of {choices}") from None
+    host = _get(raw, f"{key}.host", str, "")
+    if Permission.DESTINATION in allow and not host:
+        raise ConfigError(f"{key}.host", "is required for a destination: where the node sends its results")
     return Peer(
         ae_title=validate_ae_title(raw["ae_title"], f"{key}.ae_title"),
-        host=_get(raw, f"{key}.host", str, ""),
+        host=host,
         port=_port(raw.get("port", 104), f"{key}.port"),
         allow=frozenset(allow),
         results=frozenset(results),
@@ -437,6 +449,8 @@ def _get(raw: dict[str, Any], key: str, kind: type, default: Any, minimum: float
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(key, f"must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # TOML has nan and inf; no comparison below would catch nan
+        raise ConfigError(key, f"{value} must be a finite number")
     if minimum is not None and value < minimum:
         raise ConfigError(key, f"{value} must be at least {minimum}")
     return value

@@ -73,6 +73,11 @@ def test_postgresql_url_is_kept_as_given(tmp_path):
         ({"routes": [{"name": "ct", "model": "active", "modalities": []}]}, "routes[0].modalities"),
         ({"routes": [{"name": "a", "model": "active"}, {"name": "a", "model": "active"}]}, "routes[1].name"),
         ({"training": {"schedule": "every night"}}, "training.schedule"),
+        ({"jobs": {"completion_wait_s": float("nan")}}, "jobs.completion_wait_s"),
+        ({"node": {"network_timeout_s": float("inf")}}, "node.network_timeout_s"),
+        ({"peers": [{"ae_title": "PACS", "allow": ["destination"]}]}, "peers[0].host"),
+        ({"peers": [{"ae_title": "CT1"}], "routes": [{"name": "ct", "model": "active", "peers": ["CT_1"]}]}, "routes[0].peers"),
+        ({"node": {"port": 0, "workers": 2}}, "node.port"),
     ],
 )
 def test_bad_values_name_their_key(tmp_path, raw, key):

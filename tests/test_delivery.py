@@ -109,8 +109,8 @@ def test_status_lists_failed_deliveries_and_resend_requeues(series_with_lesions,
 def test_destinations_and_their_results_come_from_the_config(tmp_path):
     from dicom_node.config import ConfigError, parse_config
 
-    config = parse_config({"peers": [{"ae_title": "PACS", "allow": ["destination"], "results": ["sr"]},
-                                     {"ae_title": "VIEW", "allow": ["destination"]}, {"ae_title": "MOD"}]}, tmp_path)
+    config = parse_config({"peers": [{"ae_title": "PACS", "host": "pacs", "allow": ["destination"], "results": ["sr"]},
+                                     {"ae_title": "VIEW", "host": "view", "allow": ["destination"]}, {"ae_title": "MOD"}]}, tmp_path)
     assert [p.ae_title for p in config.destinations("seg")] == ["VIEW"]
     assert [p.ae_title for p in config.destinations("sr")] == ["PACS", "VIEW"]
     with pytest.raises(ConfigError, match=r"peers\[0\]\.results"):
