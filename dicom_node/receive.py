@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -60,6 +61,17 @@ class InstanceReceiver:
         with self.sessions() as session:
             return is_indexed(session, sop_uid)
 
+    def _remove_unless_indexed(self, path: Path, sop_uid: str) -> None:
+        """After a failed commit: remove the file, unless the row is there after all (a commit that failed
+        after committing). Where the index cannot even be asked, the file stays: start-up recovery indexes a
+        complete file whose commit was interrupted, and the sender, told to retry, gets a duplicate's success."""
+        try:
+            indexed = self._already_indexed(sop_uid)
+        except SQLAlchemyError:
+            return
+        if not indexed:
+            self.files.remove(path)
+
     def _receive(self, request: StoreRequest) -> int:
         self.files.check_free_space()
         try:
@@ -75,22 +87,22 @@ class InstanceReceiver:
                 "SOP Class/Instance UID in the data set differ from the C-STORE request's Affected SOP Class/Instance UID",
             )
         path = self.files.path_for(record.study_instance_uid, record.series_instance_uid, sop_uid)
-        if path.is_file() and self._already_indexed(sop_uid):
-            logger.info("instance %s already stored; duplicate acknowledged", sop_uid)
-            return status.SUCCESS
-        folder = self.files.write(path, [meta, request.dataset], sync_dir=False)
-        record = replace(record, path=self.files.relative(path), size_bytes=len(meta) + len(request.dataset))
-        try:
-            outcome = self.writer.commit(record, folder)
-        except BaseException:
-            if not self._already_indexed(sop_uid):  # the same instance may have been stored by another association
+        with self.files.instance_lock(sop_uid):  # another association may be storing this very instance
+            if path.is_file() and self._already_indexed(sop_uid):
+                logger.info("instance %s already stored; duplicate acknowledged", sop_uid)
+                return status.SUCCESS
+            folder = self.files.write(path, [meta, request.dataset], sync_dir=False)
+            record = replace(record, path=self.files.relative(path), size_bytes=len(meta) + len(request.dataset))
+            try:
+                outcome = self.writer.commit(record, folder)
+            except BaseException:
+                self._remove_unless_indexed(path, sop_uid)
+                raise
+            if outcome is AddResult.CONFLICT:
                 self.files.remove(path)
-            raise
-        if outcome is AddResult.CONFLICT:
-            self.files.remove(path)
-            raise InvalidInstanceError(
-                status.UID_CONFLICT, "SOP Instance UID is already stored under another study or series"
-            )
+                raise InvalidInstanceError(
+                    status.UID_CONFLICT, "SOP Instance UID is already stored under another study or series"
+                )
         logger.debug("stored %s (%s) in series %s", sop_uid, record.modality, record.series_instance_uid)
         return status.SUCCESS
 

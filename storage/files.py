@@ -9,14 +9,20 @@ shares one (group commit).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from storage.uids import validate_uid
 
 TEMP_PREFIX = ".incoming-"
+LOCK_FOLDER = ".locks"  # under the root; no UID starts with a dot
+LOCK_STRIPES = 1024
 
 
 class StorageFullError(OSError):
@@ -30,6 +36,8 @@ class FileStore:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self._locks = self.root / LOCK_FOLDER
+        self._locks.mkdir(exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Final path of an instance; raises InvalidUIDError for a UID that is not one."""
@@ -68,6 +76,19 @@ class FileStore:
         if sync_dir:
             fsync_dir(folder)
         return folder
+
+    @contextmanager
+    def instance_lock(self, sop_uid: str) -> Iterator[None]:
+        """Hold the advisory lock of this instance (one of LOCK_STRIPES files, chosen by its UID): two
+        associations or worker processes storing the same instance take turns from the check for a stored
+        copy to the commit, so one's cleanup never deletes the file the other was acknowledged for. Each call
+        opens the file anew, so threads of one process exclude each other too (flock is per open file)."""
+        with open(self._locks / f"{zlib.crc32(sop_uid.encode()) % LOCK_STRIPES:04d}.lock", "ab") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def sync_dirs(self, folders: set[Path]) -> None:
         for folder in folders:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import joinedload
 
 from dicom_node.config import NodeConfig, load_config
 from dicom_node.scp import Node
+from storage.files import LOCK_FOLDER
 from storage.models import Instance, Series, Study
 from tests.localpeers import free_port, write_node_config
 
@@ -55,7 +56,9 @@ class RunningNode:
     def stray_files(self) -> list[Path]:
         """Anything in the store that is not an indexed, complete instance file."""
         indexed = {self.config.storage.path / i.path for i in self.instances()}
-        everything = {p for p in self.config.storage.path.rglob("*") if p.is_file() and not p.name.startswith("index.sqlite")}
+        locks = self.config.storage.path / LOCK_FOLDER  # the store's advisory locks, reused, never instances
+        everything = {p for p in self.config.storage.path.rglob("*")
+                      if p.is_file() and not p.name.startswith("index.sqlite") and p.parent != locks}
         return sorted(everything - indexed)
 
 
