@@ -20,6 +20,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from inference.model.precision import EncoderPrecision
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -388,8 +391,13 @@ def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
     _reject_unknown(raw, set(StorageSection.__dataclass_fields__), "storage.")
     path = base_dir / Path(_get(raw, "storage.path", str, str(defaults.path)))
     url = _get(raw, "storage.database_url", str, defaults.database_url)
-    if "://" not in url:
-        raise ConfigError("storage.database_url", f"{url!r} is not an SQLAlchemy URL (sqlite:///..., postgresql://...)")
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ConfigError("storage.database_url", f"{url!r} is not an SQLAlchemy URL (sqlite:///..., "
+                                                  "postgresql+psycopg://...)") from None
+    if backend not in ("sqlite", "postgresql"):  # the index's statements are written for these two
+        raise ConfigError("storage.database_url", f"{backend!r} is not supported: use SQLite or PostgreSQL")
     return StorageSection(
         path=path,
         database_url=_resolve_sqlite_url(url, base_dir),

@@ -51,6 +51,16 @@ PERMANENT_ERRORS = (SlicingError, OutputError, InvalidDicomError)  # the same in
 _service: JobService | None = None  # the running service, for APScheduler's module-level job functions
 
 
+
+MAX_RETRY_DELAY = timedelta(days=1)
+
+
+def retry_delay(base_s: float, attempt: int) -> timedelta:
+    """The wait before a failed job's next attempt: ``base_s`` doubling per attempt, at most a day (an
+    uncapped doubling overflowed ``timedelta`` from about the 33rd attempt)."""
+    return min(timedelta(seconds=base_s * 2.0 ** min(attempt - 1, 40)), MAX_RETRY_DELAY)
+
+
 class JobError(RuntimeError):
     """A job could not be worked on (its series or route is gone, a result could not be stored)."""
 
@@ -255,7 +265,7 @@ class JobService:
             job = session.get(Job, job_id)
             job.error = reason
             if retry and job.attempts < self.config.jobs.max_attempts:
-                delay = timedelta(seconds=self.config.jobs.retry_delay_s * 2 ** (job.attempts - 1))
+                delay = retry_delay(self.config.jobs.retry_delay_s, job.attempts)
                 job.status, job.next_attempt_at = QUEUED, now_utc() + delay
                 logger.warning("job %d attempt %d failed (%s); retry in %s", job_id, job.attempts, reason, delay)
             else:

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 RESTART_DELAYS_S = (1.0, 2.0, 5.0, 15.0, 60.0)  # after 1, 2, ... consecutive quick deaths; reset by a long run
 HEALTHY_AFTER_S = 60.0
+STALE_TEMPORARY_S = 300.0  # a temporary this old is no live worker's: each is written and renamed in milliseconds
 
 
 def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
@@ -67,7 +68,8 @@ def run_supervisor(config: NodeConfig, config_path: Path, verbose: bool) -> int:
         for i, worker in enumerate(workers):
             if i in due:
                 if now >= due[i]:
-                    files.remove_stale_temporaries()  # what the dead worker was writing was never acknowledged
+                    # what the dead worker was writing was never acknowledged; the live workers' are in flight
+                    files.remove_stale_temporaries(older_than_s=STALE_TEMPORARY_S)
                     workers[i], started[i] = _start(command), now
                     del due[i]
             elif worker.poll() is not None:

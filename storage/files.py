@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,10 +98,17 @@ class FileStore:
     def remove(self, path: Path) -> None:
         _unlink_quietly(path)
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by a crash mid-write; they were never acknowledged."""
+    def remove_stale_temporaries(self, older_than_s: float = 0.0) -> int:
+        """Delete temporary files left by a crash mid-write; they were never acknowledged. ``older_than_s``:
+        only those last written that long ago, where other processes may be writing theirs right now."""
         count = 0
+        cutoff = time.time() - older_than_s
         for tmp in self.root.glob(f"*/*/{TEMP_PREFIX}*"):
+            try:
+                if older_than_s and tmp.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:  # renamed into place (or removed) meanwhile
+                continue
             _unlink_quietly(tmp)
             count += 1
         return count

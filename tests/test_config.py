@@ -54,6 +54,7 @@ def test_postgresql_url_is_kept_as_given(tmp_path):
         ({"node": {"log_level": "chatty"}}, "node.log_level"),
         ({"node": {"prot": 104}}, "node.prot"),
         ({"storage": {"database_url": "index.sqlite"}}, "storage.database_url"),
+        ({"storage": {"database_url": "mysql://node@db/index"}}, "storage.database_url"),
         ({"storage": {"min_free_mb": -1}}, "storage.min_free_mb"),
         ({"peers": [{"host": "pacs"}]}, "peers[0].ae_title"),
         ({"peers": [{"ae_title": "PACS", "allow": ["store", "delete"]}]}, "peers[0].allow"),

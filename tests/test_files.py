@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -43,6 +44,19 @@ def test_stale_temporaries_are_removed_at_start(tmp_path):
     (folder / "1.2.3.4.dcm").write_bytes(b"kept")
     assert store.remove_stale_temporaries() == 1
     assert [p.name for p in folder.iterdir()] == ["1.2.3.4.dcm"]
+
+
+def test_a_restarted_worker_leaves_the_live_workers_temporaries_alone(tmp_path):
+    """The supervisor cleans up after a dead worker while the others receive: only old temporaries go."""
+    store = FileStore(tmp_path)
+    folder = tmp_path / "1.2" / "1.2.3"
+    folder.mkdir(parents=True)
+    old, live = folder / f"{TEMP_PREFIX}old.tmp", folder / f"{TEMP_PREFIX}live.tmp"
+    old.write_bytes(b"the dead worker's")
+    live.write_bytes(b"being written")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert store.remove_stale_temporaries(older_than_s=300) == 1
+    assert not old.exists() and live.exists()
 
 
 def test_watermark_refuses_when_disk_is_short(tmp_path):

@@ -229,3 +229,10 @@ def test_scheduled_training_is_a_cron_job_that_registers_and_never_activates(nod
     assert config.training.start_from == "active"  # by default the nightly run fine-tunes the model in use
     elsewhere = JobService(dataclasses.replace(config, training=dataclasses.replace(config.training, start_from="v-gone")))
     assert elsewhere.train() == 2 and "--start-from: no model v-gone" in caplog.text  # it starts from what is configured
+
+
+def test_a_failing_job_waits_longer_each_time_but_never_more_than_a_day():
+    from dicom_node.jobs import MAX_RETRY_DELAY, retry_delay
+
+    assert [retry_delay(60, attempt).total_seconds() for attempt in (1, 2, 3)] == [60, 120, 240]
+    assert retry_delay(60, 50) == MAX_RETRY_DELAY  # a large max_attempts overflowed timedelta at about 33
