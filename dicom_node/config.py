@@ -10,7 +10,6 @@ the same whatever directory it is started from.
 from __future__ import annotations
 
 import fnmatch
-import math
 import os
 import re
 import socket
@@ -23,17 +22,11 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from dicom_node.config_values import (ConfigError, existing_file, get_flag, get_port, get_positive, get_strings, get_table,
+                                      get_value, reject_unknown, validate_ae_title)
 from inference.model.precision import EncoderPrecision
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
-
-
-class ConfigError(ValueError):
-    """The configuration file is missing, unreadable or holds a bad value."""
-
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        super().__init__(f"config: {key}: {message}")
 
 
 RESULT_KINDS = ("seg", "sr")
@@ -224,9 +217,9 @@ def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> NodeConfig:
 
 def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
     """Validate an already-parsed TOML document (split out so tests need no file)."""
-    _reject_unknown(raw, {"node", "storage", "peers", "jobs", "routes", "training"}, "")
-    node = _parse_node(_table(raw, "node"), base_dir)
-    storage = _parse_storage(_table(raw, "storage"), base_dir)
+    reject_unknown(raw, {"node", "storage", "peers", "jobs", "routes", "training"}, "")
+    node = _parse_node(get_table(raw, "node"), base_dir)
+    storage = _parse_storage(get_table(raw, "storage"), base_dir)
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("peers", "must be an array of tables ([[peers]])")
@@ -236,7 +229,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         if peer.ae_title in seen:
             raise ConfigError(f"peers[{i}].ae_title", f"{peer.ae_title!r} is listed twice")
         seen.add(peer.ae_title)
-    jobs = _parse_jobs(_table(raw, "jobs"))
+    jobs = _parse_jobs(get_table(raw, "jobs"))
     routes_raw = raw.get("routes", [])
     if not isinstance(routes_raw, list):
         raise ConfigError("routes", "must be an array of tables ([[routes]])")
@@ -248,13 +241,13 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     for i, route in enumerate(routes):  # a misspelt AE title would leave the route matching nothing, silently
         for unknown in sorted(route.peers - seen):
             raise ConfigError(f"routes[{i}].peers", f"{unknown!r} is not a configured peer (no [[peers]] has that ae_title)")
-    training = _parse_training(_table(raw, "training"))
+    training = _parse_training(get_table(raw, "training"))
     return NodeConfig(node=node, storage=storage, peers=peers, source=source, jobs=jobs, routes=routes, training=training)
 
 
 def _parse_training(raw: dict[str, Any]) -> TrainingSection:
-    _reject_unknown(raw, set(TrainingSection.__dataclass_fields__), "training.")
-    schedule = _get(raw, "training.schedule", str, "")
+    reject_unknown(raw, set(TrainingSection.__dataclass_fields__), "training.")
+    schedule = get_value(raw, "training.schedule", str, "")
     if schedule:
         try:
             from apscheduler.triggers.cron import CronTrigger
@@ -264,110 +257,89 @@ def _parse_training(raw: dict[str, Any]) -> TrainingSection:
             raise ConfigError("training.schedule", f"{schedule!r} is not a crontab line (\"0 2 * * *\" is 02:00 daily): {exc}") from None
     return TrainingSection(
         schedule=schedule,
-        modality=_get(raw, "training.modality", str, ""),
-        label=_get(raw, "training.label", str, ""),
-        steps=_positive(raw, "training.steps", int, TrainingSection.steps),
-        start_from=_get(raw, "training.start_from", str, TrainingSection.start_from),
+        modality=get_value(raw, "training.modality", str, ""),
+        label=get_value(raw, "training.label", str, ""),
+        steps=get_positive(raw, "training.steps", int, TrainingSection.steps),
+        start_from=get_value(raw, "training.start_from", str, TrainingSection.start_from),
     )
 
 
 def _parse_jobs(raw: dict[str, Any]) -> JobsSection:
     defaults = JobsSection()
-    _reject_unknown(raw, set(JobsSection.__dataclass_fields__), "jobs.")
-    late = _get(raw, "jobs.on_late_arrival", str, defaults.on_late_arrival.value)
+    reject_unknown(raw, set(JobsSection.__dataclass_fields__), "jobs.")
+    late = get_value(raw, "jobs.on_late_arrival", str, defaults.on_late_arrival.value)
     try:
         on_late = LateArrival(late)
     except ValueError:
         raise ConfigError("jobs.on_late_arrival", f"{late!r} must be \"rerun\" or \"ignore\"") from None
-    device = _get(raw, "jobs.device", str, defaults.device)
+    device = get_value(raw, "jobs.device", str, defaults.device)
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise ConfigError("jobs.device", f"{device!r} must be auto, cpu, cuda or cuda:N")
-    precision = _get(raw, "jobs.encoder_precision", str, defaults.encoder_precision.value)
+    precision = get_value(raw, "jobs.encoder_precision", str, defaults.encoder_precision.value)
     try:
         encoder_precision = EncoderPrecision(precision)
     except ValueError:
         raise ConfigError("jobs.encoder_precision", f"{precision!r} must be auto, card, bf16 or fp32") from None
     return JobsSection(
-        completion_wait_s=_get(raw, "jobs.completion_wait_s", float, defaults.completion_wait_s, minimum=0.0),
+        completion_wait_s=get_value(raw, "jobs.completion_wait_s", float, defaults.completion_wait_s, minimum=0.0),
         on_late_arrival=on_late,
-        workers=_positive(raw, "jobs.workers", int, defaults.workers),
-        max_attempts=_positive(raw, "jobs.max_attempts", int, defaults.max_attempts),
-        retry_delay_s=_get(raw, "jobs.retry_delay_s", float, defaults.retry_delay_s, minimum=0.0),
-        poll_s=_positive(raw, "jobs.poll_s", float, defaults.poll_s),
+        workers=get_positive(raw, "jobs.workers", int, defaults.workers),
+        max_attempts=get_positive(raw, "jobs.max_attempts", int, defaults.max_attempts),
+        retry_delay_s=get_value(raw, "jobs.retry_delay_s", float, defaults.retry_delay_s, minimum=0.0),
+        poll_s=get_positive(raw, "jobs.poll_s", float, defaults.poll_s),
         device=device,
         encoder_precision=encoder_precision,
-        compile_encoder=_flag(raw, "jobs.compile_encoder", defaults.compile_encoder),
+        compile_encoder=get_flag(raw, "jobs.compile_encoder", defaults.compile_encoder),
     )
 
 
 def _parse_route(raw: Any, key: str, base_dir: Path) -> Route:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
-    _reject_unknown(raw, set(Route.__dataclass_fields__), f"{key}.")
+    reject_unknown(raw, set(Route.__dataclass_fields__), f"{key}.")
     for required in ("name", "model"):
         if required not in raw:
             raise ConfigError(f"{key}.{required}", "is required")
-    name = _get(raw, f"{key}.model", str, "")
+    name = get_value(raw, f"{key}.model", str, "")
     model = ACTIVE_MODEL if name == ACTIVE_MODEL.name else base_dir / name
     if model != ACTIVE_MODEL and not model.is_dir():
         raise ConfigError(f"{key}.model", f"{model} is not a model folder (a checkpoint with model_card.json, or a "
                                           "UniBiomed folder with config.json)")
     return Route(
-        name=_get(raw, f"{key}.name", str, ""),
+        name=get_value(raw, f"{key}.name", str, ""),
         model=model,
-        modalities=frozenset(m.upper() for m in _strings(raw, f"{key}.modalities", ["CT", "MR"], nonempty=True)),
-        peers=frozenset(validate_ae_title(p, f"{key}.peers") for p in _strings(raw, f"{key}.peers", [])),
-        series_description=_get(raw, f"{key}.series_description", str, ""),
-        question=_get(raw, f"{key}.question", str, ""),
-        target=_get(raw, f"{key}.target", str, ""),
+        modalities=frozenset(m.upper() for m in get_strings(raw, f"{key}.modalities", ["CT", "MR"], nonempty=True)),
+        peers=frozenset(validate_ae_title(p, f"{key}.peers") for p in get_strings(raw, f"{key}.peers", [])),
+        series_description=get_value(raw, f"{key}.series_description", str, ""),
+        question=get_value(raw, f"{key}.question", str, ""),
+        target=get_value(raw, f"{key}.target", str, ""),
     )
-
-
-def _strings(raw: dict[str, Any], key: str, default: list[str], nonempty: bool = False) -> list[str]:
-    value = raw.get(key.rsplit(".", 1)[-1], default)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(key, f"must be a list of strings, got {value!r}")
-    if nonempty and not value:
-        raise ConfigError(key, "must not be empty")
-    return value
-
-
-def validate_ae_title(value: Any, key: str) -> str:
-    """An AE title: 1-16 characters of the default repertoire, no backslash or control characters."""
-    if not isinstance(value, str):
-        raise ConfigError(key, f"must be a string, got {value!r}")
-    title = value.strip()
-    if not 1 <= len(title) <= 16:
-        raise ConfigError(key, f"{value!r} must be 1 to 16 characters")
-    if "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
-        raise ConfigError(key, f"{value!r} may hold only printable ASCII characters and no backslash")
-    return title
 
 
 def _parse_node(raw: dict[str, Any], base_dir: Path) -> NodeSection:
     defaults = NodeSection()
-    _reject_unknown(raw, set(NodeSection.__dataclass_fields__), "node.")
-    level = _get(raw, "node.log_level", str, defaults.log_level).upper()
+    reject_unknown(raw, set(NodeSection.__dataclass_fields__), "node.")
+    level = get_value(raw, "node.log_level", str, defaults.log_level).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("node.log_level", f"{level!r} must be DEBUG, INFO, WARNING or ERROR")
-    workers = _get(raw, "node.workers", int, defaults.workers, minimum=0)
-    port = _port(raw.get("port", defaults.port), "node.port", allow_zero=True)
+    workers = get_value(raw, "node.workers", int, defaults.workers, minimum=0)
+    port = get_port(raw.get("port", defaults.port), "node.port", allow_zero=True)
     if port == 0 and (workers or os.cpu_count() or 1) > 1:
         raise ConfigError("node.port", "0 (any free port) needs node.workers = 1: each worker would listen on a port "
                                        "of its own, and peers could reach none of them")
-    max_pdu = _get(raw, "node.max_pdu", int, defaults.max_pdu)
+    max_pdu = get_value(raw, "node.max_pdu", int, defaults.max_pdu)
     if max_pdu != 0 and not 4096 <= max_pdu <= 0xFFFFFFFF:
         raise ConfigError("node.max_pdu", f"{max_pdu} must be 0 (unlimited) or 4096 to 4294967295 bytes")
     return NodeSection(
         ae_title=validate_ae_title(raw.get("ae_title", defaults.ae_title), "node.ae_title"),
-        host=_get(raw, "node.host", str, defaults.host),
+        host=get_value(raw, "node.host", str, defaults.host),
         port=port,
         max_pdu=max_pdu,
-        max_associations=_positive(raw, "node.max_associations", int, defaults.max_associations),
+        max_associations=get_positive(raw, "node.max_associations", int, defaults.max_associations),
         workers=workers,
-        network_timeout_s=_positive(raw, "node.network_timeout_s", float, defaults.network_timeout_s),
-        acse_timeout_s=_positive(raw, "node.acse_timeout_s", float, defaults.acse_timeout_s),
-        dimse_timeout_s=_positive(raw, "node.dimse_timeout_s", float, defaults.dimse_timeout_s),
+        network_timeout_s=get_positive(raw, "node.network_timeout_s", float, defaults.network_timeout_s),
+        acse_timeout_s=get_positive(raw, "node.acse_timeout_s", float, defaults.acse_timeout_s),
+        dimse_timeout_s=get_positive(raw, "node.dimse_timeout_s", float, defaults.dimse_timeout_s),
         log_level=level,
         tls=_parse_tls(raw.get("tls"), base_dir),
     )
@@ -378,19 +350,19 @@ def _parse_tls(raw: Any, base_dir: Path) -> TLSConfig | None:
         return None
     if not isinstance(raw, dict):
         raise ConfigError("node.tls", "must be a table ([node.tls])")
-    _reject_unknown(raw, {"certificate", "private_key", "ca_file"}, "node.tls.")
+    reject_unknown(raw, {"certificate", "private_key", "ca_file"}, "node.tls.")
     for key in ("certificate", "private_key"):
         if key not in raw:
             raise ConfigError(f"node.tls.{key}", "is required when [node.tls] is present")
-    paths = {k: _existing_file(raw[k], f"node.tls.{k}", base_dir) for k in raw}
+    paths = {k: existing_file(raw[k], f"node.tls.{k}", base_dir) for k in raw}
     return TLSConfig(paths["certificate"], paths["private_key"], paths.get("ca_file"))
 
 
 def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
     defaults = StorageSection()
-    _reject_unknown(raw, set(StorageSection.__dataclass_fields__), "storage.")
-    path = base_dir / Path(_get(raw, "storage.path", str, str(defaults.path)))
-    url = _get(raw, "storage.database_url", str, defaults.database_url)
+    reject_unknown(raw, set(StorageSection.__dataclass_fields__), "storage.")
+    path = base_dir / Path(get_value(raw, "storage.path", str, str(defaults.path)))
+    url = get_value(raw, "storage.database_url", str, defaults.database_url)
     try:
         backend = make_url(url).get_backend_name()
     except ArgumentError:
@@ -401,14 +373,14 @@ def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
     return StorageSection(
         path=path,
         database_url=_resolve_sqlite_url(url, base_dir),
-        min_free_mb=_get(raw, "storage.min_free_mb", int, defaults.min_free_mb, minimum=0),
+        min_free_mb=get_value(raw, "storage.min_free_mb", int, defaults.min_free_mb, minimum=0),
     )
 
 
 def _parse_peer(raw: Any, key: str) -> Peer:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a table")
-    _reject_unknown(raw, {"ae_title", "host", "port", "allow", "results", "completion_wait_s"}, f"{key}.")
+    reject_unknown(raw, {"ae_title", "host", "port", "allow", "results", "completion_wait_s"}, f"{key}.")
     results = raw.get("results", list(RESULT_KINDS))
     if not isinstance(results, list) or any(r not in RESULT_KINDS for r in results):
         raise ConfigError(f"{key}.results", f"{results!r} must be a list of {', '.join(RESULT_KINDS)}")
@@ -424,74 +396,17 @@ def _parse_peer(raw: Any, key: str) -> Peer:
         except ValueError:
             choices = ", ".join(p.value for p in Permission)
             raise ConfigError(f"{key}.allow", f"{item!r} is not one of {choices}") from None
-    host = _get(raw, f"{key}.host", str, "")
+    host = get_value(raw, f"{key}.host", str, "")
     if Permission.DESTINATION in allow and not host:
         raise ConfigError(f"{key}.host", "is required for a destination: where the node sends its results")
     return Peer(
         ae_title=validate_ae_title(raw["ae_title"], f"{key}.ae_title"),
         host=host,
-        port=_port(raw.get("port", 104), f"{key}.port"),
+        port=get_port(raw.get("port", 104), f"{key}.port"),
         allow=frozenset(allow),
         results=frozenset(results),
-        completion_wait_s=_get(raw, f"{key}.completion_wait_s", float, None, minimum=0.0) if "completion_wait_s" in raw else None,
+        completion_wait_s=get_value(raw, f"{key}.completion_wait_s", float, None, minimum=0.0) if "completion_wait_s" in raw else None,
     )
-
-
-def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
-    value = raw.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(name, f"must be a table ([{name}])")
-    return value
-
-
-def _reject_unknown(raw: dict[str, Any], known: set[str], prefix: str) -> None:
-    """A misspelt key must not be silently ignored: it would leave a default the admin meant to change."""
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
-
-
-def _get(raw: dict[str, Any], key: str, kind: type, default: Any, minimum: float | None = None) -> Any:
-    value = raw.get(key.rsplit(".", 1)[-1], default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError(key, f"must be {kind.__name__}, got {value!r}")
-    if kind is float and not math.isfinite(value):  # TOML has nan and inf; no comparison below would catch nan
-        raise ConfigError(key, f"{value} must be a finite number")
-    if minimum is not None and value < minimum:
-        raise ConfigError(key, f"{value} must be at least {minimum}")
-    return value
-
-
-def _flag(raw: dict[str, Any], key: str, default: bool) -> bool:
-    value = raw.get(key.rsplit(".", 1)[-1], default)
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be true or false, got {value!r}")
-    return value
-
-
-def _positive(raw: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = _get(raw, key, kind, default)
-    if value <= 0:
-        raise ConfigError(key, f"{value} must be greater than 0")
-    return value
-
-
-def _port(value: Any, key: str, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65535:
-        raise ConfigError(key, f"{value!r} must be a TCP port ({low} to 65535)")
-    return value
-
-
-def _existing_file(value: Any, key: str, base_dir: Path) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"must be a file path, got {value!r}")
-    path = base_dir / value
-    if not path.is_file():
-        raise ConfigError(key, f"{path} does not exist")
-    return path
 
 
 def _resolve_sqlite_url(url: str, base_dir: Path) -> str:
