@@ -239,8 +239,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         if name in names[:i]:
             raise ConfigError(f"routes[{i}].name", f"{name!r} is listed twice")
     for i, route in enumerate(routes):  # a misspelt AE title would leave the route matching nothing, silently
-        for unknown in sorted(route.peers - seen):
-            raise ConfigError(f"routes[{i}].peers", f"{unknown!r} is not a configured peer (no [[peers]] has that ae_title)")
+        unknown = sorted(route.peers - seen)
+        if unknown:
+            raise ConfigError(f"routes[{i}].peers", f"{unknown[0]!r} is not a configured peer (no [[peers]] has that ae_title)")
     training = _parse_training(get_table(raw, "training"))
     return NodeConfig(node=node, storage=storage, peers=peers, source=source, jobs=jobs, routes=routes, training=training)
 
@@ -322,27 +323,26 @@ def _parse_node(raw: dict[str, Any], base_dir: Path) -> NodeSection:
     level = get_value(raw, "node.log_level", str, defaults.log_level).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("node.log_level", f"{level!r} must be DEBUG, INFO, WARNING or ERROR")
-    workers = get_value(raw, "node.workers", int, defaults.workers, minimum=0)
-    port = get_port(raw.get("port", defaults.port), "node.port", allow_zero=True)
-    if port == 0 and (workers or os.cpu_count() or 1) > 1:
-        raise ConfigError("node.port", "0 (any free port) needs node.workers = 1: each worker would listen on a port "
-                                       "of its own, and peers could reach none of them")
     max_pdu = get_value(raw, "node.max_pdu", int, defaults.max_pdu)
     if max_pdu != 0 and not 4096 <= max_pdu <= 0xFFFFFFFF:
         raise ConfigError("node.max_pdu", f"{max_pdu} must be 0 (unlimited) or 4096 to 4294967295 bytes")
-    return NodeSection(
+    node = NodeSection(
         ae_title=validate_ae_title(raw.get("ae_title", defaults.ae_title), "node.ae_title"),
         host=get_value(raw, "node.host", str, defaults.host),
-        port=port,
+        port=get_port(raw.get("port", defaults.port), "node.port", allow_zero=True),
         max_pdu=max_pdu,
         max_associations=get_positive(raw, "node.max_associations", int, defaults.max_associations),
-        workers=workers,
+        workers=get_value(raw, "node.workers", int, defaults.workers, minimum=0),
         network_timeout_s=get_positive(raw, "node.network_timeout_s", float, defaults.network_timeout_s),
         acse_timeout_s=get_positive(raw, "node.acse_timeout_s", float, defaults.acse_timeout_s),
         dimse_timeout_s=get_positive(raw, "node.dimse_timeout_s", float, defaults.dimse_timeout_s),
         log_level=level,
         tls=_parse_tls(raw.get("tls"), base_dir),
     )
+    if node.port == 0 and node.worker_count > 1:
+        raise ConfigError("node.port", "0 (any free port) needs node.workers = 1: each worker would listen on a port "
+                                       "of its own, and peers could reach none of them")
+    return node
 
 
 def _parse_tls(raw: Any, base_dir: Path) -> TLSConfig | None:
