@@ -33,7 +33,7 @@ from dicom_node import status
 from dicom_node.completion import DONE, FAILED, QUEUED, RUNNING, anything_to_judge, detect_complete, requeue_interrupted
 from dicom_node.config import NodeConfig, Route
 from dicom_node.model_registry import resolve_model
-from dicom_node.outbox import add_delivery, now_utc
+from dicom_node.outbox import RetryPolicy, add_delivery, now_utc
 from dicom_node.outputs.encode import encode
 from dicom_node.outputs.seg import OutputError
 from dicom_node.pipeline import Question, SeriesOutputs, interpret_series
@@ -58,7 +58,7 @@ MAX_RETRY_DELAY = timedelta(days=1)
 def retry_delay(base_s: float, attempt: int) -> timedelta:
     """The wait before a failed job's next attempt: ``base_s`` doubling per attempt, at most a day (an
     uncapped doubling overflowed ``timedelta`` from about the 33rd attempt)."""
-    return min(timedelta(seconds=base_s * 2.0 ** min(attempt - 1, 40)), MAX_RETRY_DELAY)
+    return RetryPolicy(first_delay_s=base_s, max_delay_s=MAX_RETRY_DELAY.total_seconds()).delay(attempt)
 
 
 class JobError(RuntimeError):
