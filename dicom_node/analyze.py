@@ -58,7 +58,9 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
     """Interpret every covered series under ``folder``; write ``out/<series UID>/{seg,sr}.dcm`` and summary.json."""
     series, skipped = find_series(folder)
     if skipped:
-        logger.info("%d files under %s are not DICOM instances; skipped", skipped, folder)
+        # A folder is often named after its patient: the path only at DEBUG (as every Patient ID)
+        logger.info("%d files in the folder are not DICOM instances; skipped", skipped)
+        logger.debug("the folder with the skipped files: %s", folder)
     models = ModelCache(device, config.jobs.encoder_precision)
     resolved: dict[Path, Path] = {}  # a route's model -> its checkpoint folder, looked up once
     summaries = []

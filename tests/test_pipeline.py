@@ -1,6 +1,7 @@
 """One series to its results, as `dicom-node analyze` runs it on a folder (the job worker runs the same)."""
 
 import json
+import logging
 
 from pydicom import dcmread
 
@@ -10,14 +11,17 @@ from tests.localpeers import write_node_config
 from tests.synthetic import write_toy_ct
 
 
-def test_analyze_writes_a_valid_seg_sr_and_summary_for_each_series(trained_checkpoint, tmp_path, capsys):
-    sources = write_toy_ct(tmp_path / "in" / "toy", "-FFF--")
-    clear = write_toy_ct(tmp_path / "in" / "clear", "---", description="Clear axial")
-    (tmp_path / "in" / "README.txt").write_text("not DICOM")
+def test_analyze_writes_a_valid_seg_sr_and_summary_for_each_series(trained_checkpoint, tmp_path, capsys, caplog):
+    folder = tmp_path / "DOE_JANE_1980"  # an export foldered by patient
+    sources = write_toy_ct(folder / "toy", "-FFF--")
+    clear = write_toy_ct(folder / "clear", "---", description="Clear axial")
+    (folder / "README.txt").write_text("not DICOM")
     config = write_node_config(tmp_path, 11112, [])
     out = tmp_path / "out"
 
-    assert main(["analyze", str(tmp_path / "in"), "--out", str(out), "--model", str(trained_checkpoint), "--config", str(config)]) == 0
+    caplog.set_level(logging.INFO)
+    assert main(["analyze", str(folder), "--out", str(out), "--model", str(trained_checkpoint), "--config", str(config)]) == 0
+    assert "1 files in the folder are not DICOM instances" in caplog.text and "DOE_JANE" not in caplog.text
 
     summaries = {s["series_instance_uid"]: s for s in json.loads((out / "summary.json").read_text())}
     toy_uid, clear_uid = (str(dcmread(p[0]).SeriesInstanceUID) for p in (sources, clear))

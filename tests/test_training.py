@@ -501,14 +501,17 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     from tests.localpeers import write_node_config
 
     caplog.set_level(logging.DEBUG, logger="training")
-    for folder, patient_id in (("a", "PID-0417"), ("b", "PID-0418")):
+    # Exports are often foldered by patient: "PID-0419"'s SEG is left without its series (a partial export)
+    for patient_id in ("PID-0417", "PID-0418", "PID-0419"):
         voxels = np.full((4, 48, 48), -1000.0, np.float32)
         voxels[:, 4:44, 4:44] = 40.0
         mask = np.zeros(voxels.shape, bool)
         mask[1:3, 15:30, 15:30] = True
         voxels[mask] = 150.0
-        paths = write_series(tmp_path / "data" / folder, voxels, SeriesHeader(patient_id, "CT"), 5.0, 5.0)
-        write_ground_truth(tmp_path / "data" / folder / "seg.dcm", paths, {"Liver tumor": mask})
+        paths = write_series(tmp_path / "data" / patient_id, voxels, SeriesHeader(patient_id, "CT"), 5.0, 5.0)
+        write_ground_truth(tmp_path / "data" / patient_id / "seg.dcm", paths, {"Liver tumor": mask})
+    for path in paths:
+        path.unlink()
     config_path = write_node_config(tmp_path / "node", 11112, [], extra='\n[[routes]]\nname = "all"\nmodel = "active"\n')
     out = tmp_path / "model"
     assert main(["train", "--folder", str(tmp_path / "data"), "--steps", "2", "--out", str(out), "--version", "v-test",
@@ -527,6 +530,7 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     # A hospital's training subjects are its Patient IDs: the log says where training is, never whose series
     progress = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert any("series 1/1 (CT)" in m for m in progress) and any("evaluated series 1/1 (CT)" in m for m in progress)
+    assert any("which is not in the folder; skipped" in m for m in progress)  # the orphaned SEG, said without its path
     assert not [m for m in progress if "PID-04" in m]
     assert any("PID-04" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)  # for tracing
 

@@ -65,7 +65,9 @@ def from_folder(folder: Path, modality: str | None = None, label: str | None = N
     found = []
     for uid, (_, seg, labels) in segs.items():
         if uid not in series_files:
-            logger.warning("%s refers to series %s, which is not in %s; skipped", seg, uid, folder)
+            # the SEG's path names its folder, often after the patient: only at DEBUG
+            logger.warning("a SEG refers to series %s, which is not in the folder; skipped", uid)
+            logger.debug("the SEG that refers to series %s: %s", uid, seg)
             continue
         subject, series_modality = info[uid]
         found.append(LabeledSeries(subject or uid, series_modality, series_files[uid], seg, labels))
