@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from storage.uids import validate_uid
 TEMP_PREFIX = ".incoming-"
 LOCK_FOLDER = ".locks"  # under the root; no UID starts with a dot
 LOCK_STRIPES = 1024
+MAX_DURABLE_FOLDERS = 100_000  # series and study folders remembered as fsync'd (a few MiB)
 
 
 class StorageFullError(OSError):
@@ -39,6 +41,9 @@ class FileStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks = self.root / LOCK_FOLDER
         self._locks.mkdir(exist_ok=True)
+        # Folders whose entries this store has fsync'd: the only ones a write may skip _make_dirs' fsyncs for
+        self._durable: set[Path] = set()
+        self._durable_lock = threading.Lock()
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Final path of an instance; raises InvalidUIDError for a UID that is not one."""
@@ -114,8 +119,11 @@ class FileStore:
         return count
 
     def _make_dirs(self, folder: Path) -> None:
-        """Create missing folders and fsync each new entry's parent, so the folder itself survives a crash."""
-        if folder.is_dir():
+        """Create missing folders and fsync the parent of every level up to the root, so the folder itself
+        survives a crash. A folder that exists is not proof of that: another thread or worker process may
+        have created it and not yet fsync'd its parent, and an instance acknowledged into it meanwhile would
+        vanish with it. So each store fsyncs a folder's chain once, whoever created it."""
+        if folder in self._durable:
             return
         missing = []
         current = folder
@@ -127,7 +135,16 @@ class FileStore:
                 new.mkdir()
             except FileExistsError:
                 continue
-            fsync_dir(new.parent)
+        current = folder
+        while current != self.root and current.parent != current and current not in self._durable:
+            fsync_dir(current.parent)
+            current = current.parent
+        with self._durable_lock:
+            if len(self._durable) >= MAX_DURABLE_FOLDERS:  # bounded memory on a node that runs for years
+                self._durable.clear()
+            self._durable.add(folder)
+            if folder.parent != self.root:
+                self._durable.add(folder.parent)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -64,3 +64,21 @@ def test_watermark_refuses_when_disk_is_short(tmp_path):
     with pytest.raises(StorageFullError, match="watermark"):
         FileStore(tmp_path, min_free_bytes=free + 2**40).check_free_space()
     FileStore(tmp_path, min_free_bytes=0).check_free_space()
+
+
+def test_a_folder_another_writer_created_is_made_durable_before_a_file_lands_in_it(tmp_path, monkeypatch):
+    """Another worker process (or thread) may have created the series folder and not yet fsync'd the study
+    folder when this store's instance is written and acknowledged: the folder existing is not enough."""
+    import storage.files
+
+    synced: list = []
+    monkeypatch.setattr(storage.files, "fsync_dir", lambda folder: synced.append(folder))
+    store = FileStore(tmp_path)
+    (tmp_path / "1.2" / "1.2.3").mkdir(parents=True)  # created elsewhere, its entries not yet fsync'd
+    store.write(store.path_for("1.2", "1.2.3", "1.2.3.4"), [b"first"])
+    assert synced == [tmp_path / "1.2", tmp_path, tmp_path / "1.2" / "1.2.3"]  # both entries, then the file's
+    synced.clear()
+    store.write(store.path_for("1.2", "1.2.3", "1.2.3.5"), [b"second"])
+    store.write(store.path_for("1.2", "1.2.4", "1.2.4.1"), [b"another series"])
+    # once per folder: the second instance syncs only its own entry; a new series only up to the known study
+    assert synced == [tmp_path / "1.2" / "1.2.3", tmp_path / "1.2", tmp_path / "1.2" / "1.2.4"]
