@@ -125,26 +125,17 @@ class FileStore:
         vanish with it. So each store fsyncs a folder's chain once, whoever created it."""
         if folder in self._durable:
             return
-        missing = []
-        current = folder
-        while not current.exists():
-            missing.append(current)
-            current = current.parent
-        for new in reversed(missing):
-            try:
-                new.mkdir()
-            except FileExistsError:
-                continue
+        folder.mkdir(parents=True, exist_ok=True)
+        synced = []
         current = folder
         while current != self.root and current.parent != current and current not in self._durable:
             fsync_dir(current.parent)
+            synced.append(current)
             current = current.parent
         with self._durable_lock:
             if len(self._durable) >= MAX_DURABLE_FOLDERS:  # bounded memory on a node that runs for years
                 self._durable.clear()
-            self._durable.add(folder)
-            if folder.parent != self.root:
-                self._durable.add(folder.parent)
+            self._durable.update(synced)
 
 
 def fsync_dir(folder: Path) -> None:
