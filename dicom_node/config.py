@@ -242,11 +242,11 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         unknown = sorted(route.peers - seen)
         if unknown:
             raise ConfigError(f"routes[{i}].peers", f"{unknown[0]!r} is not a configured peer (no [[peers]] has that ae_title)")
-    training = _parse_training(get_table(raw, "training"))
+    training = _parse_training(get_table(raw, "training"), base_dir)
     return NodeConfig(node=node, storage=storage, peers=peers, source=source, jobs=jobs, routes=routes, training=training)
 
 
-def _parse_training(raw: dict[str, Any]) -> TrainingSection:
+def _parse_training(raw: dict[str, Any], base_dir: Path) -> TrainingSection:
     reject_unknown(raw, set(TrainingSection.__dataclass_fields__), "training.")
     schedule = get_value(raw, "training.schedule", str, "")
     if schedule:
@@ -261,8 +261,17 @@ def _parse_training(raw: dict[str, Any]) -> TrainingSection:
         modality=get_value(raw, "training.modality", str, ""),
         label=get_value(raw, "training.label", str, ""),
         steps=get_positive(raw, "training.steps", int, TrainingSection.steps),
-        start_from=get_value(raw, "training.start_from", str, TrainingSection.start_from),
+        start_from=_starting_model(get_value(raw, "training.start_from", str, TrainingSection.start_from), base_dir),
     )
+
+
+def _starting_model(name: str, base_dir: Path) -> str:
+    """A folder given as training.start_from follows the config file, as route models do; the scheduled run's
+    working directory is wherever the node was started. Names without a path separator stay names ("active",
+    "shipped", a registered version); a folder beside the config file is written "./folder"."""
+    if "/" not in name and os.sep not in name and not name.startswith("~"):
+        return name
+    return str((base_dir / Path(name).expanduser()).resolve())
 
 
 def _parse_jobs(raw: dict[str, Any]) -> JobsSection:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -30,7 +31,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--modality", help="only this modality (CT, MR)")
     train.add_argument("--since", type=date.fromisoformat, help="only studies from this date (YYYY-MM-DD) on")
     train.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
-    train.add_argument("--version", help="version name (default: train-<UTC time>)")
+    train.add_argument("--version", type=version_argument,
+                       help="version name: letters, digits, '.', '_', '-' (default: train-<UTC time>)")
     train.add_argument("--steps", type=count_argument(1), help="optimiser steps (default: the trainer's, 600)")
     train.add_argument("--hard-negative-steps", type=count_argument(0), default=0, metavar="N",
                        help="after --steps, N more steps in which half of each batch's clear slices are those on which "
@@ -180,6 +182,18 @@ def count_argument(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
         return value
     return parse
+
+
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def version_argument(text: str) -> str:
+    """An argparse type: a version name, which becomes a folder under the store's models/ and a name in
+    `model list`; a "/" or ".." would put the checkpoint elsewhere, and "active" or "shipped" mean other models."""
+    if not VERSION_NAME.fullmatch(text) or text in ("active", "shipped"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version name (up to 64 letters, digits, '.', '_', '-', "
+                                         "starting with a letter or digit; not \"active\" or \"shipped\")")
+    return text
 
 
 Number = TypeVar("Number", int, float)

@@ -120,6 +120,15 @@ def test_a_step_count_must_be_a_whole_number_in_range(option, bad, message, caps
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["../elsewhere", "a/b", "active", "shipped", ".hidden", "", "x" * 65])
+def test_a_version_name_cannot_leave_the_models_folder_or_mean_another_model(bad, capsys):
+    """The version becomes <storage>/models/<version> and a name in `model list`: a path in it would write the
+    checkpoint elsewhere, and "active" or "shipped" could never be activated by that name."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--version", bad, "--help"])
+    assert stopped.value.code == 2 and "is not a version name" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("options,message", [
     (["--hard-negative-steps", "300", "--hard-negative-cycles", "7"], "must be a multiple of hard_negative_cycles (7)"),
     (["--lesion-weight", "0"], "lesion_weight must be positive"),

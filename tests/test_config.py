@@ -36,6 +36,17 @@ def test_relative_paths_follow_the_config_file(tmp_path):
     assert config.storage.database_url == f"sqlite:///{tmp_path / 'db' / 'x.sqlite'}"
 
 
+@pytest.mark.parametrize("given", ["./models/site", "models/site"])
+def test_a_training_start_folder_follows_the_config_file_and_names_stay_names(tmp_path, given):
+    """The scheduled run starts in whatever folder the node was started from; a folder in [training]
+    start_from must mean the one beside config.toml, as a route's model folder does."""
+    (tmp_path / "config.toml").write_text(f'[training]\nstart_from = "{given}"\n')
+    assert load_config(tmp_path / "config.toml").training.start_from == str(tmp_path / "models" / "site")
+    for name in ("active", "shipped", "v-2026.1", ""):
+        assert parse_config({"training": {"start_from": name}}, base_dir=tmp_path).training.start_from == name
+    assert parse_config({"training": {"start_from": "/srv/models/x"}}, base_dir=tmp_path).training.start_from == "/srv/models/x"
+
+
 def test_postgresql_url_is_kept_as_given(tmp_path):
     url = "postgresql+psycopg://node:secret@db.example/dicomnode"
     config = parse_config({"storage": {"database_url": url}}, base_dir=tmp_path)
