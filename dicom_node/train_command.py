@@ -11,10 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from dicom_node.config import NodeConfig
 from inference.model.card import CARD_FILE, ModelCard
+
+if TYPE_CHECKING:
+    from training.sources import SyntheticSpec
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +138,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     if use_synthetic:
         spec = SyntheticSpec(args.mr_subjects, args.ct_subjects, args.seed)
         items += synthetic(data / "synthetic", spec)
-        described.append(f"synthetic: {spec.mr_subjects} head MRIs (Colin27 and MNI152 anatomy) with brain tumours, "
-                         f"{spec.ct_subjects} CT phantoms (abdomen: liver and kidney tumours; chest: lung nodules), "
-                         "about a quarter without lesions")
+        described.append(synthetic_description(spec))
     for folder in args.folder:
         items += from_folder(folder, args.modality, args.label)
         described.append(f"folder {folder}")
@@ -169,6 +170,15 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
           f"dicom-node model activate {version})"))
     _print_metrics(card.metrics)
     return 0
+
+
+def synthetic_description(spec: SyntheticSpec) -> str:
+    """The card's words for the synthetic data, naming only the kinds a run had (an MR-only run's card said
+    "0 CT phantoms (abdomen: liver and kidney tumours ...)")."""
+    kinds = [f"{spec.mr_subjects} head MRIs (Colin27 and MNI152 anatomy) with brain tumours"] if spec.mr_subjects else []
+    if spec.ct_subjects:
+        kinds.append(f"{spec.ct_subjects} CT phantoms (abdomen: liver and kidney tumours; chest: lung nodules)")
+    return f"synthetic: {', '.join(kinds) or 'no subjects'}, about a quarter without lesions"
 
 
 def count_argument(least: int) -> Callable[[str], int]:

@@ -120,6 +120,16 @@ def test_a_step_count_must_be_a_whole_number_in_range(option, bad, message, caps
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_cards_synthetic_data_names_only_the_kinds_trained_on():
+    from dicom_node.train_command import synthetic_description
+    from training.sources import SyntheticSpec
+
+    mr_only = synthetic_description(SyntheticSpec(160, 0, 0))
+    assert "160 head MRIs" in mr_only and "CT" not in mr_only and "lung" not in mr_only
+    both = synthetic_description(SyntheticSpec(80, 40, 0))
+    assert "80 head MRIs" in both and "40 CT phantoms" in both
+
+
 @pytest.mark.parametrize("bad", ["../elsewhere", "a/b", "active", "shipped", ".hidden", "", "x" * 65])
 def test_a_version_name_cannot_leave_the_models_folder_or_mean_another_model(bad, capsys):
     """The version becomes <storage>/models/<version> and a name in `model list`: a path in it would write the
