@@ -22,6 +22,7 @@ logger = logging.getLogger("dicom_node")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # what `train` records in its card
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -139,9 +139,10 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         spec = SyntheticSpec(args.mr_subjects, args.ct_subjects, args.seed)
         items += synthetic(data / "synthetic", spec)
         described.append(synthetic_description(spec))
-    for folder in args.folder:
-        items += from_folder(folder, args.modality, args.label)
-        described.append(f"folder {folder}")
+    for number, folder in enumerate(args.folder, 1):
+        found = from_folder(folder, args.modality, args.label)
+        items += found
+        described.append(f"folder {number}: {len(found)} labelled series")  # not its path: see card_command
     if args.from_store:
         with sessions() as session:
             items += from_store(session, config.storage.path, args.modality, args.label, args.since)
@@ -153,7 +154,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
                            mirror=args.mirror, progress=not args.quiet, start_from=base.path if base else None,
                            architecture=architecture, encoder_precision=encoder_precision,
                            device=config.jobs.device, description="; ".join(described),
-                           command="dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a))
+                           command=card_command(args.command_line))
     try:
         card = run_training(items, request)
     except TrainingDataError as exc:
@@ -179,6 +180,25 @@ def synthetic_description(spec: SyntheticSpec) -> str:
     if spec.ct_subjects:
         kinds.append(f"{spec.ct_subjects} CT phantoms (abdomen: liver and kidney tumours; chest: lung nodules)")
     return f"synthetic: {', '.join(kinds) or 'no subjects'}, about a quarter without lesions"
+
+
+def card_command(argv: list[str]) -> str:
+    """The training command as the card records it, each ``--folder`` path written FOLDER1, FOLDER2, ...: a card
+    travels with its model (to `model list`, to whoever the site shares it with), and hospital exports are often
+    foldered by patient name or ID. Abbreviations argparse accepts (``--fold``, ``--folder=X``) are caught too."""
+    recorded, folders, value_next = [], 0, False
+    for token in (a for a in argv if a):
+        option, equals, _ = token.partition("=")
+        if value_next:
+            value_next = False
+            recorded.append(f"FOLDER{folders}")
+        elif len(option) >= 4 and "--folder".startswith(option):  # "--fo" is unique to --folder among train's options
+            folders += 1
+            recorded.append(f"{option}=FOLDER{folders}" if equals else token)
+            value_next = not equals
+        else:
+            recorded.append(shlex.quote(token))
+    return "dicom-node " + " ".join(recorded)
 
 
 def count_argument(least: int) -> Callable[[str], int]:

@@ -130,6 +130,21 @@ def test_the_cards_synthetic_data_names_only_the_kinds_trained_on():
     assert "80 head MRIs" in both and "40 CT phantoms" in both
 
 
+@pytest.mark.parametrize("argv, recorded", [
+    (["train", "--folder", "/exports/DOE^JANE 0417", "--steps", "2"], "dicom-node train --folder FOLDER1 --steps 2"),
+    (["train", "--folder=/exports/PID-0417", "--fold", "/exports/PID-0418", "--fo=x"],
+     "dicom-node train --folder=FOLDER1 --fold FOLDER2 --fo=FOLDER3"),
+    (["train", "--from-store", "--feature-dropout", "0.2", "--label", "liver tumour"],
+     "dicom-node train --from-store --feature-dropout 0.2 --label 'liver tumour'"),
+])
+def test_the_cards_command_names_no_folder(argv, recorded):
+    """Exports are often foldered by patient, and a card travels with its model: the command it records (to
+    reproduce the run) keeps every option but the folders' paths."""
+    from dicom_node.train_command import card_command
+
+    assert card_command(argv) == recorded
+
+
 @pytest.mark.parametrize("bad", ["../elsewhere", "a/b", "active", "shipped", ".hidden", "", "x" * 65])
 def test_a_version_name_cannot_leave_the_models_folder_or_mean_another_model(bad, capsys):
     """The version becomes <storage>/models/<version> and a name in `model list`: a path in it would write the

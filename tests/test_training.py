@@ -525,6 +525,9 @@ def test_train_on_a_folder_registers_a_version_that_only_an_admin_activates(tmp_
     assert card["metrics"]["training"]["slices"] == 8 and card["architecture"]["mirror"] is True
     assert card["metrics"]["training"]["lesion_weight"] == 2.0  # how it was trained, for whoever reproduces it
     assert (out / "model.safetensors").stat().st_size < 25 * 2**20
+    # The card travels with the model: how to reproduce it, but not where the (patient-named) exports lay
+    assert card["training_data"] == "folder 1: 2 labelled series" and str(tmp_path / "data") not in (out / "model_card.json").read_text()
+    assert card["metrics"]["training"]["command"].startswith("dicom-node train --folder FOLDER1 --steps 2 --out ")
     printed = capsys.readouterr()
     assert "registered (not active" in printed.out and "training:" not in printed.err  # --quiet: no progress bar
     # A hospital's training subjects are its Patient IDs: the log says where training is, never whose series
