@@ -187,7 +187,7 @@ def card_command(argv: list[str]) -> str:
     travels with its model (to `model list`, to whoever the site shares it with), and hospital exports are often
     foldered by patient name or ID. Abbreviations argparse accepts (``--fold``, ``--folder=X``) are caught too."""
     recorded, folders, value_next = [], 0, False
-    for token in (a for a in argv if a):
+    for token in argv:
         option, equals, _ = token.partition("=")
         if value_next:
             value_next = False

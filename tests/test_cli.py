@@ -134,6 +134,7 @@ def test_the_cards_synthetic_data_names_only_the_kinds_trained_on():
     (["train", "--folder", "/exports/DOE^JANE 0417", "--steps", "2"], "dicom-node train --folder FOLDER1 --steps 2"),
     (["train", "--folder=/exports/PID-0417", "--fold", "/exports/PID-0418", "--fo=x"],
      "dicom-node train --folder=FOLDER1 --fold FOLDER2 --fo=FOLDER3"),
+    (["train", "--folder", "", "--steps", "2"], "dicom-node train --folder FOLDER1 --steps 2"),  # "" is a folder too
     (["train", "--from-store", "--feature-dropout", "0.2", "--label", "liver tumour"],
      "dicom-node train --from-store --feature-dropout 0.2 --label 'liver tumour'"),
 ])
