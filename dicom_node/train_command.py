@@ -100,6 +100,18 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     activate = actions.add_parser("activate", parents=[common], help="make a version the one routes with model = \"active\" use")
     activate.add_argument("version", metavar="VERSION", help='a version from `model list`, or "shipped"')
     activate.set_defaults(func=activate_command)
+    combine = actions.add_parser("combine", parents=[common],
+                                 help="one ensemble checkpoint from several trained runs (their answers averaged)")
+    combine.add_argument("version", metavar="VERSION", help="the ensemble's version")
+    combine.add_argument("models", nargs="+", metavar="MODEL",
+                         help='two or more: "shipped", "active", versions from `model list` or checkpoint folders; '
+                              "the first's card, operating point and labels are the ensemble's")
+    combine.add_argument("--modality", action="append", metavar="MODALITY",
+                         help="average only for this modality (repeat for several); others are answered by the first "
+                              "model alone (default: every modality the first shares with each other)")
+    combine.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
+    combine.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
+    combine.set_defaults(func=combine_command)
 
 
 def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
@@ -298,8 +310,9 @@ class StartingCheckpoint:
     card: ModelCard
 
 
-def starting_checkpoint(config: NodeConfig, name: str) -> StartingCheckpoint:
-    """--start-from's checkpoint: "shipped", "active", a registered version or a folder (read, not written)."""
+def starting_checkpoint(config: NodeConfig, name: str, option: str = "--start-from") -> StartingCheckpoint:
+    """--start-from's checkpoint (or another ``option``'s): "shipped", "active", a registered version or a
+    folder (read, not written)."""
     from dicom_node.model_registry import UnknownModelError, find_model
     from storage.database import make_engine, make_sessionmaker
 
@@ -308,13 +321,13 @@ def starting_checkpoint(config: NodeConfig, name: str) -> StartingCheckpoint:
         with make_sessionmaker(engine)() as session:
             path = find_model(session, name)
     except UnknownModelError as exc:
-        raise TrainingArgumentError(f"--start-from: no model {exc} (see dicom-node model list)") from None
+        raise TrainingArgumentError(f"{option}: no model {exc} (see dicom-node model list)") from None
     finally:
         engine.dispose()
     try:
         return StartingCheckpoint(path, ModelCard.from_json((path / CARD_FILE).read_text()))
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise TrainingArgumentError(f"--start-from: {path} holds no readable model card ({exc})") from None
+        raise TrainingArgumentError(f"{option}: {path} holds no readable model card ({exc})") from None
 
 
 def fine_tuning_architecture(base: ModelCard, presence: float | None, mirror: bool, detail: int | None,
@@ -379,6 +392,32 @@ def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
         print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}) {shown}")
         print(f"  {'':24} {entry.path}")
     print("* = active (used by routes with model = \"active\")")
+    return 0
+
+
+def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from inference.model.litemedsam import WeightsError
+    from training.ensemble import EnsembleError, combine
+
+    out = args.out or config.storage.path / "models" / args.version
+    try:
+        folders = [starting_checkpoint(config, name, "model").path for name in args.models]
+        card = combine(folders, out, args.version, tuple(m.upper() for m in args.modality) if args.modality else None)
+    except (TrainingArgumentError, EnsembleError, WeightsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_register:
+        from dicom_node.model_registry import register
+        from storage.database import make_engine, make_sessionmaker
+
+        engine = make_engine(config.storage.database_url, writer=True)
+        with make_sessionmaker(engine)() as session, session.begin():
+            register(session, out, args.version)
+        engine.dispose()
+    print(f"ensemble {args.version} of {len(folders)} models written to {out}"
+          + ("" if args.no_register else f" and registered (not active: dicom-node model activate {args.version})"))
+    print(f"{card.version}'s card has no held-out figures yet: score it on subjects none of its runs trained on "
+          "before activating it (README, Ensembles)")
     return 0
 
 

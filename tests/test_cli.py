@@ -50,7 +50,8 @@ def test_echo_to_a_peer_that_is_down(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["echo"], ["status"], ["resend"], ["retry"], ["analyze"], ["train"],
-                                     ["model", "list"], ["model", "activate"], ["config", "check"]])
+                                     ["model", "list"], ["model", "activate"], ["model", "combine"],
+                                     ["config", "check"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: dicom-node" in result.stdout and "--config" in result.stdout

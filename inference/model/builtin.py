@@ -1,4 +1,10 @@
-"""The built-in model behind the GroundedModel protocol: loading, saving and interpreting slices."""
+"""The built-in model behind the GroundedModel protocol: loading, saving and interpreting slices.
+
+An ensemble checkpoint (``ModelCard.members``) holds further sets of trained heads that share the one frozen
+encoder: the encoder (98 % of a slice's cost) runs once, each set of heads answers the [SEG] query, and the
+mask probabilities are averaged, as ``mirror`` averages a slice with its mirror. The slice is a finding where
+the average draws ``min_mask_pixels``; the first set of heads (``model.safetensors``) then names it.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard, sha256_of
+from inference.model.card import CARD_FILE, WEIGHTS_FILE, EnsembleMember, ModelCard, sha256_of
 from inference.model.detail import DetailFeatures
 from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
 from inference.model.litemedsam import ArchitectureError, WeightsError, load_litemedsam
 from inference.model.precision import EncoderPrecision, encoder_bf16
-from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope
+from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope, question_modality
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +43,31 @@ def mirror_images(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images[..., ::-1])
 
 
-def average_logits(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """The logit of the mean of two probabilities, so one threshold applies to the average as to each."""
-    return torch.logit((torch.sigmoid(first.float()) + torch.sigmoid(second.float())) / 2, eps=1e-6)
+def average_logits(*logits: torch.Tensor) -> torch.Tensor:
+    """The logit of the mean of the probabilities, so one threshold applies to the average as to each."""
+    return torch.logit(sum(torch.sigmoid(l.float()) for l in logits) / len(logits), eps=1e-6)
+
+
+def load_heads(network: GroundedSegmenter, weights_path: Path, sha256: str = "") -> None:
+    """Load trained heads (everything but the frozen encoders) into ``network``, checking them against the
+    SHA-256 their card records; heads of another architecture raise ArchitectureError."""
+    if not weights_path.is_file():
+        raise WeightsError(f"{weights_path} is missing")
+    if sha256 and sha256_of(weights_path) != sha256:
+        raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
+    try:
+        missing, unexpected = network.load_state_dict(load_file(weights_path), strict=False)
+    except RuntimeError as exc:  # shapes that differ: another detail width, context or token grid
+        raise ArchitectureError(f"{weights_path}: {str(exc).strip().splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES) and k != TIED_OUTPUT]
+    if missing or unexpected:  # parts that differ: a detail branch or not
+        raise ArchitectureError(f"{weights_path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def trainable_weights(network: GroundedSegmenter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of a network: its trained heads, floating-point ones as ``dtype``."""
+    return {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in network.trainable_state_dict().items()}
 
 
 class BuiltinModel:
@@ -67,6 +95,7 @@ class BuiltinModel:
         self.min_lesion_slices = card.min_lesion_slices
         self.aligned_lesion_overlap = card.aligned_lesion_overlap
         self.context_slices = network.config.context_slices  # neighbours each side the engine passes (2.5D)
+        self.members: list[tuple[EnsembleMember, GroundedSegmenter]] = []  # further heads (add_member)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # compile_encoder
         self._compile_failed = False  # a compile that failed is not tried again (training calls compile per series)
@@ -94,22 +123,32 @@ class BuiltinModel:
         if own.weights_sha256 and sha256_of(weights_path) != own.weights_sha256:
             raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
         model = cls.new(card or own, device=device, precision=precision)
-        try:
-            missing, unexpected = model.network.load_state_dict(load_file(weights_path), strict=False)
-        except RuntimeError as exc:  # shapes that differ: another detail width, context or token grid
-            raise ArchitectureError(f"{weights_path}: {str(exc).strip().splitlines()[-1].strip()}") from None
-        missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES) and k != TIED_OUTPUT]
-        if missing or unexpected:  # parts that differ: a detail branch or not
-            raise ArchitectureError(f"{weights_path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        load_heads(model.network, weights_path)
+        for member in model.card.members:  # ``card`` (fine-tuning) names none: only the first heads are trained on
+            model.add_member(member, folder / member.weights)
         return model
+
+    def add_member(self, member: EnsembleMember, weights_path: Path) -> None:
+        """Load an ensemble member's heads (checked against ``member.sha256``) beside the model's own, sharing
+        its frozen encoders."""
+        config = self.network.config
+        if config.decision != "decoder" or config.mirror:
+            raise ArchitectureError('an ensemble averages the decoder\'s answer: it needs decision = "decoder" '
+                                    "and no mirror")
+        network = GroundedSegmenter(config, load_litemedsam(pretrained=False))
+        network.image_encoder, network.prompt_encoder = self.network.image_encoder, self.network.prompt_encoder
+        load_heads(network, weights_path, member.sha256)
+        self.members.append((member, network.to(self.device).eval()))
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> ModelCard:
         """Write the trainable weights (as ``dtype``: bf16 halves the file) and the card (with their SHA-256)."""
         folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in self.network.trainable_state_dict().items()}
-        save_file(weights, folder / WEIGHTS_FILE, metadata={"format": "pt", "version": self.card.version})
-        self.card = dataclasses.replace(self.card, weights_sha256=sha256_of(folder / WEIGHTS_FILE))
+        save_file(trainable_weights(self.network, dtype), folder / WEIGHTS_FILE, metadata={"format": "pt", "version": self.card.version})
+        members = []
+        for member, network in self.members:
+            save_file(trainable_weights(network, dtype), folder / member.weights, metadata={"format": "pt", "version": member.version})
+            members.append(dataclasses.replace(member, sha256=sha256_of(folder / member.weights)))
+        self.card = dataclasses.replace(self.card, weights_sha256=sha256_of(folder / WEIGHTS_FILE), members=tuple(members))
         (folder / CARD_FILE).write_text(self.card.to_json())
         return self.card
 
@@ -213,7 +252,7 @@ class BuiltinModel:
             raise ValueError("this model has a detail branch: pass its slices (detail_input)")
         detail = self.detail(slices)
         mirrored_detail = self.detail(mirror_images(slices)) if mirrored is not None and slices is not None else None
-        greedy = self._answers(embeddings, question, 0.0, None, mirrored, detail, mirrored_detail)
+        greedy = self._answers(embeddings, question, 0.0, None, mirrored, detail, mirrored_detail, slices)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         results = []
         for i, answer in enumerate(greedy):
@@ -229,18 +268,30 @@ class BuiltinModel:
 
     def _answers(self, embeddings: torch.Tensor, question: str, temperature: float,
                  generator: torch.Generator | None, mirrored: torch.Tensor | None = None,
-                 detail: DetailFeatures | None = None, mirrored_detail: DetailFeatures | None = None) -> list[Answer]:
-        """One answer per slice, decided by the language model or by the mask decoder (GroundedConfig)."""
+                 detail: DetailFeatures | None = None, mirrored_detail: DetailFeatures | None = None,
+                 slices: np.ndarray | None = None) -> list[Answer]:
+        """One answer per slice, decided by the language model or by the mask decoder (GroundedConfig), the
+        decoder's answer averaged over the mirror (``mirror``) or the ensemble members asked about the
+        question's modality; ``slices``: the detail branch's input, for the members' own branches."""
         config = self.network.config
         if config.decision == "language":
             return self._generated(embeddings, question, temperature, generator, detail=detail)
         start = time.perf_counter()
         logits, iou = self.network.decode_masks(embeddings, self.network.query_states(embeddings, question), detail)
+        views = [(logits, iou)]
         if mirrored is not None:
             other, other_iou = self.network.decode_masks(mirrored, self.network.query_states(mirrored, question),
                                                          mirrored_detail)
-            logits = average_logits(logits, other.flip(-1))
-            iou = (iou + other_iou) / 2
+            views.append((other.flip(-1), other_iou))
+        modality = question_modality(question)
+        for member, network in self.members:
+            if modality is None or modality in member.modalities:
+                features = network.detail_features(None if slices is None else torch.from_numpy(
+                    np.ascontiguousarray(slices, dtype=np.float32)).to(self.device)) if config.detail_width else None
+                views.append(network.decode_masks(embeddings, network.query_states(embeddings, question), features))
+        if len(views) > 1:
+            logits = average_logits(*(l for l, _ in views))
+            iou = sum(i.float() for _, i in views) / len(views)
         finding = self.network.mask_pixels(logits) >= config.min_mask_pixels
         if config.presence:
             finding &= self.network.mask_scores(iou) >= config.presence_threshold
@@ -253,7 +304,7 @@ class BuiltinModel:
                                         None if detail is None else detail[found])
             for i, answer in zip(found, generated):
                 answers[i] = answer
-                if mirrored is not None:  # the first mask is the averaged one that made the slice a finding
+                if len(views) > 1:  # the first mask is the averaged one that made the slice a finding
                     answer.masks[0] = (logits[i] > config.mask_logit).cpu().numpy()
                     answer.scores[0] = float(self.network.mask_scores(iou[i:i + 1])[0])
         return answers

@@ -4,12 +4,17 @@ A checkpoint folder holds ``model.safetensors`` and ``model_card.json``. The car
 (version, architecture sizes), what it may be used on (scope), how its input is normalised, how its
 reliability levels are cut, what it was trained on and how it scored. The node refuses a checkpoint whose
 weights do not match the SHA-256 the card records.
+
+An ensemble checkpoint holds further sets of trained heads beside ``model.safetensors`` (``EnsembleMember``):
+the [SEG] query's mask is averaged over all of them (``BuiltinModel``), as separately trained runs err on
+different slices.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from inference.preprocess import Normalization
 CARD_FILE = "model_card.json"
 ENCODER_PRECISIONS = ("bf16", "fp32")
 WEIGHTS_FILE = "model.safetensors"
+_MEMBER_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.safetensors")  # a plain name: never a path out of the folder
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,26 @@ class ReliabilityPolicy:
     temperature: float = 0.7
     high_below: float = 0.35  # entropy (nats) under which reliability is "high"
     low_above: float = 0.8  # entropy above which it is "low"; "medium" between
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """Further trained heads in the checkpoint folder (same architecture, same frozen encoder), whose answer to
+    the [SEG] query is averaged with the model's own for questions about ``modalities``."""
+
+    weights: str  # a file name in the checkpoint folder
+    sha256: str
+    modalities: tuple[str, ...]
+    version: str = ""  # the run the heads come from
+
+    def __post_init__(self) -> None:
+        if not _MEMBER_FILE.fullmatch(self.weights) or self.weights == WEIGHTS_FILE:
+            raise ValueError(f"an ensemble member's weights must be a file name such as member-1.safetensors in "
+                             f"the checkpoint folder, other than {WEIGHTS_FILE}, not {self.weights!r}")
+        if not self.modalities:
+            raise ValueError(f"ensemble member {self.weights} answers no modality")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"ensemble member {self.weights} needs the SHA-256 of its weights")
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class ModelCard:
     # slice on 2 cores) and 6x slower on those without (AVX2 only, AMD Zen 3: 13.9 against 2.3 s); fp32 runs alike
     # everywhere. Cards from before: bf16.
     encoder_precision: str = "bf16"
+    members: tuple[EnsembleMember, ...] = ()  # further heads averaged with the model's own (EnsembleMember)
 
     def __post_init__(self) -> None:
         if self.encoder_precision not in ENCODER_PRECISIONS:
@@ -67,6 +94,13 @@ class ModelCard:
         if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in _settings(self.aligned_lesion_overlap)):
             raise ValueError("aligned_lesion_overlap must be above 0 and at most 1 (per modality or for all), "
                              f"not {self.aligned_lesion_overlap!r}")
+        names = [m.weights for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ensemble members share a weights file: {', '.join(names)}")
+        for member in self.members:
+            if not set(member.modalities) <= set(self.modalities):
+                raise ValueError(f"ensemble member {member.weights} answers {', '.join(member.modalities)}, outside "
+                                 f"the model's modalities ({', '.join(self.modalities)})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -79,6 +113,7 @@ class ModelCard:
         raw["findings"] = tuple(raw.get("findings", ()))
         raw["normalization"] = Normalization(**{k: tuple(v) for k, v in raw.get("normalization", {}).items()})
         raw["reliability"] = ReliabilityPolicy(**raw.get("reliability", {}))
+        raw["members"] = tuple(EnsembleMember(**{**m, "modalities": tuple(m["modalities"])}) for m in raw.get("members", ()))
         return cls(**raw)
 
 

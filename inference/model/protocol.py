@@ -32,6 +32,15 @@ def segmentation_question(target: str, modality: str) -> str:
     return f"Please segment {target} in the {MODALITY_NAMES.get(modality, modality)} image."
 
 
+def question_modality(question: str) -> str | None:
+    """The modality a question built by ``recognition_question`` or ``segmentation_question`` asks about (None
+    where it names none): what picks an ensemble's members, since a model is asked only the question."""
+    for modality, name in MODALITY_NAMES.items():
+        if f" {name} image" in question:
+            return modality
+    return None
+
+
 @dataclass(frozen=True)
 class Answer:
     """One slice's answer: ``masks`` (n_seg, size, size) bool on the model grid, ``scores`` the decoder's
