@@ -389,7 +389,8 @@ def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
         figures = {m: entry.card.metrics.get(m, {}) for m in entry.card.modalities}
         shown = "; ".join(f"{m}: sensitivity {v.get('lesion_sensitivity')}, FP/volume {v.get('false_positives_per_volume')}, "
                           f"Dice {v.get('mean_dice_detected_lesions')}" for m, v in figures.items() if v)
-        print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}) {shown}")
+        kind = f", an ensemble of {len(entry.card.members) + 1} runs" if entry.card.members else ""
+        print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}{kind}) {shown}")
         print(f"  {'':24} {entry.path}")
     print("* = active (used by routes with model = \"active\")")
     return 0

@@ -124,6 +124,6 @@ def test_model_combine_from_the_command_line(runs, tmp_path, capsys):
     assert main(["model", "combine", "e-1", str(taught), str(other), "--config", str(config)]) == 0
     assert "has no held-out figures yet" in capsys.readouterr().out
     assert main(["model", "list", "--config", str(config)]) == 0
-    assert "e-1" in capsys.readouterr().out
+    assert "e-1" in (listing := capsys.readouterr().out) and "(CT, MR, an ensemble of 2 runs)" in listing
     assert main(["model", "combine", "e-2", str(taught), "no-such-model", "--config", str(config)]) == 2
     assert "model: no model no-such-model" in capsys.readouterr().err
