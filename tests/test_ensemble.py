@@ -99,6 +99,9 @@ def test_combining_refuses_what_cannot_be_averaged(trained, runs, tmp_path):
     with pytest.raises(EnsembleError, match='decision = "decoder"'):
         combine([language, taught], tmp_path / "lm", "x")
     combine([taught, other], tmp_path / "ensemble", "e")
+    for out in (taught, tmp_path / "ensemble"):  # never over a run it reads, or another checkpoint
+        with pytest.raises(EnsembleError, match="holds a checkpoint already"):
+            combine([other, taught], out, "x")
     with pytest.raises(EnsembleError, match="ensemble already"):
         combine([tmp_path / "ensemble", taught], tmp_path / "nested", "x")
     for name in ("../model.safetensors", "model.safetensors", "member.pt"):  # never a path out of the folder

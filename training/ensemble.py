@@ -28,6 +28,8 @@ def combine(folders: list[Path], out: Path, version: str, modalities: tuple[str,
     subjects none of its runs trained on (``benchmarks.fresh_subjects --held-out --unseen-by ... --update-card``)."""
     if len(folders) < 2:
         raise EnsembleError("an ensemble needs at least two checkpoints")
+    if (out / CARD_FILE).exists() or any(out.resolve() == folder.resolve() for folder in folders):
+        raise EnsembleError(f"{out} holds a checkpoint already: write the ensemble to a new folder")
     cards = [_checked_card(folder) for folder in folders]
     first = cards[0]
     if dict(first.architecture).get("decision") != "decoder" or dict(first.architecture).get("mirror"):
