@@ -130,3 +130,26 @@ def test_model_combine_from_the_command_line(runs, tmp_path, capsys):
     assert "e-1" in (listing := capsys.readouterr().out) and "(CT, MR, an ensemble of 2 runs)" in listing
     assert main(["model", "combine", "e-2", str(taught), "no-such-model", "--config", str(config)]) == 2
     assert "model: no model no-such-model" in capsys.readouterr().err
+
+
+def test_members_with_a_detail_branch_see_each_slice_between_its_neighbours(trained_detail, tmp_path):
+    """Each member's own detail branch gets the slices with their neighbours, as the first run's does: a 2.5D
+    run combined with a copy of itself answers as it does alone (a member decoding without its branch, or
+    with another slice's, would move the average)."""
+    model, images, _, _, _, stacks = trained_detail
+    model.save(tmp_path / "a")
+    model.save(tmp_path / "b")
+    combine([tmp_path / "a", tmp_path / "b"], tmp_path / "ensemble", "e")
+    ensemble, alone = BuiltinModel.load(tmp_path / "ensemble"), BuiltinModel.load(tmp_path / "a")
+    assert len(ensemble.members) == 1
+    both, single = ensemble.interpret(images, QUESTION, context=stacks), alone.interpret(images, QUESTION, context=stacks)
+    assert [r.answer.text for r in both] == [r.answer.text for r in single]
+    assert single[0].answer.masks.sum() > 0
+    for a, b in zip(both, single):  # logit(sigmoid(x)) is x to rounding: a boundary pixel may flip
+        assert a.answer.masks.shape == b.answer.masks.shape and (a.answer.masks != b.answer.masks).sum() <= 5
+    with torch.no_grad():  # the check above can fail: the member's answer without its detail branch differs
+        embeddings = alone.encode(images[:1])
+        query = alone.network.query_states(embeddings, QUESTION)
+        with_branch = alone.network.decode_masks(embeddings, query, alone.detail(stacks[:1]))[0]
+        without = alone.network.decode_masks(embeddings, query, None)[0]
+    assert ((with_branch > 0) != (without > 0)).sum() > 50

@@ -284,11 +284,13 @@ class BuiltinModel:
                                                          mirrored_detail)
             views.append((other.flip(-1), other_iou))
         modality = question_modality(question)
-        for member, network in self.members:
-            if modality is None or modality in member.modalities:
-                features = network.detail_features(None if slices is None else torch.from_numpy(
-                    np.ascontiguousarray(slices, dtype=np.float32)).to(self.device)) if config.detail_width else None
-                views.append(network.decode_masks(embeddings, network.query_states(embeddings, question), features))
+        asked = [network for member, network in self.members if modality is None or modality in member.modalities]
+        context = None  # the detail branches' input, made once for all members
+        if asked and config.detail_width and slices is not None:
+            context = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(self.device)
+        for network in asked:
+            features = network.detail_features(context) if config.detail_width else None
+            views.append(network.decode_masks(embeddings, network.query_states(embeddings, question), features))
         if len(views) > 1:
             logits = average_logits(*(l for l, _ in views))
             iou = sum(i.float() for _, i in views) / len(views)
