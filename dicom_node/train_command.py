@@ -17,7 +17,7 @@ from dicom_node.config import NodeConfig
 from inference.model.card import CARD_FILE, ModelCard
 
 if TYPE_CHECKING:
-    from training.sources import SyntheticSpec
+    from training.sources import LabeledSeries, SyntheticSpec
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
 
 
 def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
-    from storage.database import make_engine, make_sessionmaker
     from training.run import TrainingDataError, TrainRequest, run_training
-    from training.sources import SyntheticSpec, from_folder, from_store, synthetic
+    from training.sources import SyntheticSpec, from_folder, synthetic
     from training.trainer import TrainConfig
 
     try:
@@ -139,8 +138,6 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     version = args.version or datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
     data = args.data or config.storage.path / "training"
     out = args.out or config.storage.path / "models" / version
-    engine = make_engine(config.storage.database_url, writer=True)
-    sessions = make_sessionmaker(engine)
     # The operating point: as asked, else the starting model's (validated with it), else the trainer's.
     min_lesion_slices = args.min_lesion_slices or (base.card.min_lesion_slices if base else 2)
     aligned_overlap = args.aligned_overlap or (base.card.aligned_lesion_overlap if base else None)
@@ -156,8 +153,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         items += found
         described.append(f"folder {number}: {len(found)} labelled series")  # not its path: see card_command
     if args.from_store:
-        with sessions() as session:
-            items += from_store(session, config.storage.path, args.modality, args.label, args.since)
+        items += stored_series(config, args.modality, args.label, args.since)
         described.append("the node's store" + (f" since {args.since}" if args.since else ""))
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
@@ -171,18 +167,39 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         card = run_training(items, request)
     except TrainingDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        engine.dispose()
         return 2
     if not args.no_register:
-        from dicom_node.model_registry import register
-
-        with sessions() as session, session.begin():
-            register(session, out, version)
-    engine.dispose()
+        register_version(config, out, version)
     print(f"model {version} written to {out}" + ("" if args.no_register else " and registered (not active: "
           f"dicom-node model activate {version})"))
     _print_metrics(card.metrics)
     return 0
+
+
+def stored_series(config: NodeConfig, modality: str | None, label: str | None, since: date | None) -> list[LabeledSeries]:
+    """--from-store's series: those in the node's index with a ground-truth SEG, as training reads them."""
+    from storage.database import make_engine, make_sessionmaker
+    from training.sources import from_store
+
+    engine = make_engine(config.storage.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return from_store(session, config.storage.path, modality, label, since)
+    finally:
+        engine.dispose()
+
+
+def register_version(config: NodeConfig, out: Path, version: str) -> None:
+    """Record a written checkpoint in the node's database as a version an admin may activate (never active)."""
+    from dicom_node.model_registry import register
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url, writer=True)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            register(session, out, version)
+    finally:
+        engine.dispose()
 
 
 def synthetic_description(spec: SyntheticSpec) -> str:
@@ -408,13 +425,7 @@ def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.no_register:
-        from dicom_node.model_registry import register
-        from storage.database import make_engine, make_sessionmaker
-
-        engine = make_engine(config.storage.database_url, writer=True)
-        with make_sessionmaker(engine)() as session, session.begin():
-            register(session, out, args.version)
-        engine.dispose()
+        register_version(config, out, args.version)
     print(f"ensemble {args.version} of {len(folders)} models written to {out}"
           + ("" if args.no_register else f" and registered (not active: dicom-node model activate {args.version})"))
     print(f"{card.version}'s card has no held-out figures yet: score it on subjects none of its runs trained on "

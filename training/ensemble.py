@@ -9,8 +9,9 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from inference.model.card import CARD_FILE, WEIGHTS_FILE, EnsembleMember, ModelCard, sha256_of
-from inference.model.litemedsam import WeightsError
+from inference.model.card import CARD_FILE, WEIGHTS_FILE, EnsembleMember, ModelCard
+from inference.model.grounded import GroundedConfig
+from inference.model.litemedsam import checked_weights
 
 # What every member must share with the first: its heads must fit the first's network and answer the same input.
 SHARED = ("architecture", "encoder_precision", "input_size", "normalization")
@@ -32,8 +33,9 @@ def combine(folders: list[Path], out: Path, version: str, modalities: tuple[str,
         raise EnsembleError(f"{out} holds a checkpoint already: write the ensemble to a new folder")
     cards = [_checked_card(folder) for folder in folders]
     first = cards[0]
-    if dict(first.architecture).get("decision") != "decoder" or dict(first.architecture).get("mirror"):
-        raise EnsembleError('an ensemble averages the mask decoder\'s answer: its models need decision = "decoder" and no mirror')
+    refusal = GroundedConfig(**first.architecture).ensemble_refusal
+    if refusal:
+        raise EnsembleError(refusal)
     members = []
     for number, (folder, card) in enumerate(zip(folders[1:], cards[1:]), 1):
         differing = [name for name in SHARED if getattr(card, name) != getattr(first, name)]
@@ -65,10 +67,4 @@ def _checked_card(folder: Path) -> ModelCard:
         raise EnsembleError(f"{folder} holds no readable model card ({exc})") from None
     if card.members:
         raise EnsembleError(f"{folder} is an ensemble already: combine the runs it was made of")
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise WeightsError(f"{weights} is missing")
-    digest = sha256_of(weights)
-    if card.weights_sha256 and digest != card.weights_sha256:
-        raise WeightsError(f"{weights} does not match the SHA-256 recorded in its model card")
-    return dataclasses.replace(card, weights_sha256=digest)
+    return dataclasses.replace(card, weights_sha256=checked_weights(folder / WEIGHTS_FILE, card.weights_sha256))

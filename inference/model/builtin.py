@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, EnsembleMember, ModelCard, sha256_of
 from inference.model.detail import DetailFeatures
 from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
-from inference.model.litemedsam import ArchitectureError, WeightsError, load_litemedsam
+from inference.model.litemedsam import ArchitectureError, WeightsError, checked_weights, load_litemedsam
 from inference.model.precision import EncoderPrecision, encoder_bf16
 from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope, question_modality
 
@@ -51,10 +51,7 @@ def average_logits(*logits: torch.Tensor) -> torch.Tensor:
 def load_heads(network: GroundedSegmenter, weights_path: Path, sha256: str = "") -> None:
     """Load trained heads (everything but the frozen encoders) into ``network``, checking them against the
     SHA-256 their card records; heads of another architecture raise ArchitectureError."""
-    if not weights_path.is_file():
-        raise WeightsError(f"{weights_path} is missing")
-    if sha256 and sha256_of(weights_path) != sha256:
-        raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
+    checked_weights(weights_path, sha256)
     try:
         missing, unexpected = network.load_state_dict(load_file(weights_path), strict=False)
     except RuntimeError as exc:  # shapes that differ: another detail width, context or token grid
@@ -120,10 +117,8 @@ class BuiltinModel:
         if not card_path.is_file() or not weights_path.is_file():
             raise WeightsError(f"{folder} is not a checkpoint ({CARD_FILE} and {WEIGHTS_FILE} expected)")
         own = ModelCard.from_json(card_path.read_text())
-        if own.weights_sha256 and sha256_of(weights_path) != own.weights_sha256:
-            raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in its model card")
         model = cls.new(card or own, device=device, precision=precision)
-        load_heads(model.network, weights_path)
+        load_heads(model.network, weights_path, own.weights_sha256)
         for member in model.card.members:  # ``card`` (fine-tuning) names none: only the first heads are trained on
             model.add_member(member, folder / member.weights)
         return model
@@ -132,9 +127,8 @@ class BuiltinModel:
         """Load an ensemble member's heads (checked against ``member.sha256``) beside the model's own, sharing
         its frozen encoders."""
         config = self.network.config
-        if config.decision != "decoder" or config.mirror:
-            raise ArchitectureError('an ensemble averages the decoder\'s answer: it needs decision = "decoder" '
-                                    "and no mirror")
+        if config.ensemble_refusal:
+            raise ArchitectureError(config.ensemble_refusal)
         network = GroundedSegmenter(config, load_litemedsam(pretrained=False))
         network.image_encoder, network.prompt_encoder = self.network.image_encoder, self.network.prompt_encoder
         load_heads(network, weights_path, member.sha256)

@@ -82,6 +82,14 @@ class GroundedConfig:
         """``mask_threshold`` as a logit: the decoder's output is compared with it."""
         return math.log(self.mask_threshold / (1 - self.mask_threshold))
 
+    @property
+    def ensemble_refusal(self) -> str:
+        """Why heads of this architecture cannot join an ensemble, or "": an ensemble averages the mask
+        decoder's answer to the [SEG] query, so the decoder must decide, and a mirror model averages already."""
+        if self.decision != "decoder" or self.mirror:
+            return 'an ensemble averages the mask decoder\'s answer: its models need decision = "decoder" and no mirror'
+        return ""
+
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {self.decision!r}")

