@@ -40,7 +40,7 @@ def test_an_under_segmented_lesion_shows_what_was_missed():
     volume, truth, predicted, core = _case()
     (ring, missed), false = lesion_errors(volume, truth, predicted)
     found = int(core[4:7].sum())
-    assert ring.label == "Brain tumor" and ring.slices == 4 and ring.found_slices == 3 and ring.detected
+    assert ring.label == "Brain tumor" and ring.slices == 4 and ring.found_slices == ring.drawn_slices == 3 and ring.detected
     assert math.isclose(ring.recall, found / truth.lesions[0].sum())
     assert ring.precision == 1.0  # the core lies wholly inside the lesion
     assert math.isclose(ring.dice, 2 * found / (truth.lesions[0].sum() + found))
@@ -58,3 +58,17 @@ def test_a_prediction_on_a_speck_is_no_false_lesion():
     speck[1:3] = _disc(2, centre=(35, 35))
     _, false = lesion_errors(volume, GroundTruth(truth.labels, truth.lesions, [speck]), predicted)
     assert false == []
+
+
+def test_a_lesion_drawn_on_too_few_slices_shows_as_drawn_but_not_found():
+    """The slice rule, not the model, lost it: the listing must tell that from a lesion never drawn."""
+    volume, truth, _, core = _case()
+    findings = [SliceFinding(k, "Brain tumor", core[k], 0.9, Reliability.HIGH) for k in (4, 5, 6)]
+    drawn = np.zeros(volume.voxels.shape, bool)
+    for finding in findings:
+        drawn[finding.slice_index] |= finding.mask
+    predicted = aggregate(volume, findings, min_slices=4)  # a rule of 4 slices drops the 3-slice core
+    (ring, missed), _ = lesion_errors(volume, truth, predicted, drawn)
+    assert predicted == [] and not ring.detected and ring.dice == 0.0
+    assert ring.found_slices == 0 and ring.drawn_slices == 3
+    assert missed.drawn_slices == 0

@@ -1,11 +1,12 @@
 """Where a checkpoint's lesion figures are lost: each true lesion as the node saw it, and each false one.
 
 The card's figures say how much Dice or sensitivity is missing, not where. Per true lesion this lists its size,
-how many of its slices were found, its Dice, recall and precision against the predicted lesions that overlap it
+how many of its slices were found (and on how many the model drew it at all, before the slice rule that makes
+slice masks a lesion), its Dice, recall and precision against the predicted lesions that overlap it
 (paired as the card's figures pair them: ``training.evaluate.pair_lesions``), its contrast with the tissue around it, and whether the
 part that was missed is brighter or darker than the part that was found: under-segmented lesions whose
 missed part differs in intensity (a bright rim round a dark core found alone) need other training data, lesions
-cut at their ends need another slice rule, and a boundary bias all round needs another threshold. Pure
+cut at their ends need another slice rule (as do lesions drawn on too few slices to be kept), and a boundary bias all round needs another threshold. Pure
 functions of the truth, the predictions and the voxels; ``benchmarks.lesion_errors`` runs them on subjects.
 """
 
@@ -31,6 +32,7 @@ class LesionError:
     volume_ml: float
     slices: int  # slices the lesion is on
     found_slices: int  # of those, slices where a predicted lesion overlaps it
+    drawn_slices: int  # of those, slices where a slice's mask overlaps it, kept in a lesion or not (``drawn``)
     dice: float  # 0.0 where missed
     recall: float  # share of the lesion's voxels inside the overlapping predictions
     precision: float  # share of the overlapping predictions' voxels inside the lesion; nan where missed
@@ -53,9 +55,14 @@ class FalseLesion:
     contrast: float
 
 
-def lesion_errors(volume: Volume, truth: GroundTruth, predicted: list[Lesion]) -> tuple[list[LesionError], list[FalseLesion]]:
+def lesion_errors(volume: Volume, truth: GroundTruth, predicted: list[Lesion],
+                  drawn: np.ndarray | None = None) -> tuple[list[LesionError], list[FalseLesion]]:
     """Each true lesion of ``truth`` against ``predicted`` (the node's 3D lesions on ``volume``), and the
-    predicted lesions that are false positives, as ``training.evaluate.score_lesions`` counts them."""
+    predicted lesions that are false positives, as ``training.evaluate.score_lesions`` counts them. ``drawn``:
+    every slice's masks on ``volume``'s grid before aggregation (default: the predicted lesions'), which tells a
+    lesion the model never drew from one its slice rule dropped."""
+    if drawn is None:
+        drawn = np.any([lesion.mask for lesion in predicted], axis=0) if predicted else np.zeros(volume.voxels.shape, bool)
     overlapping, false = pair_lesions(truth, [lesion.mask for lesion in predicted])
     errors = []
     for mask, paired in zip(truth.lesions, overlapping):
@@ -66,6 +73,7 @@ def lesion_errors(volume: Volume, truth: GroundTruth, predicted: list[Lesion]) -
             volume_ml=round(mask_volume_ml(volume, mask), 3),
             slices=int(mask.any(axis=(1, 2)).sum()),
             found_slices=int(found.any(axis=(1, 2)).sum()),
+            drawn_slices=int((mask & drawn).any(axis=(1, 2)).sum()),
             dice=dice_score(union, mask),
             recall=int(found.sum()) / int(mask.sum()),
             precision=int(found.sum()) / int(union.sum()) if paired else float("nan"),
