@@ -59,21 +59,20 @@ def lesion_errors(volume: Volume, truth: GroundTruth, predicted: list[Lesion],
                   drawn: np.ndarray | None = None) -> tuple[list[LesionError], list[FalseLesion]]:
     """Each true lesion of ``truth`` against ``predicted`` (the node's 3D lesions on ``volume``), and the
     predicted lesions that are false positives, as ``training.evaluate.score_lesions`` counts them. ``drawn``:
-    every slice's masks on ``volume``'s grid before aggregation (default: the predicted lesions'), which tells a
-    lesion the model never drew from one its slice rule dropped."""
-    if drawn is None:
-        drawn = np.any([lesion.mask for lesion in predicted], axis=0) if predicted else np.zeros(volume.voxels.shape, bool)
+    every slice's masks on ``volume``'s grid before aggregation, which tells a lesion the model never drew from
+    one its slice rule dropped (without it, the slices drawn are taken to be the slices found)."""
     overlapping, false = pair_lesions(truth, [lesion.mask for lesion in predicted])
     errors = []
     for mask, paired in zip(truth.lesions, overlapping):
         union = np.any([predicted[i].mask for i in paired], axis=0) if paired else np.zeros(mask.shape, bool)
         found = mask & union
+        found_slices = int(found.any(axis=(1, 2)).sum())
         errors.append(LesionError(
             label=_label(truth, mask),
             volume_ml=round(mask_volume_ml(volume, mask), 3),
             slices=int(mask.any(axis=(1, 2)).sum()),
-            found_slices=int(found.any(axis=(1, 2)).sum()),
-            drawn_slices=int((mask & drawn).any(axis=(1, 2)).sum()),
+            found_slices=found_slices,
+            drawn_slices=found_slices if drawn is None else int((mask & drawn).any(axis=(1, 2)).sum()),
             dice=dice_score(union, mask),
             recall=int(found.sum()) / int(mask.sum()),
             precision=int(found.sum()) / int(union.sum()) if paired else float("nan"),
