@@ -1,4 +1,4 @@
-"""`dicom-node train` and `dicom-node model list|activate`: the command-line side of training."""
+"""`dicom-node train` and `dicom-node model list|activate|combine|point`: the command-line side of training."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                        help="the model's operating point: a lesion on fewer slices than --min-lesion-slices, but at "
                             "least two, is kept when its consecutive slice masks overlap by this fraction of the "
                             "smaller, for all modalities or per modality, e.g. CT=0.9 (default: never kept, or --start-from's)")
+    train.add_argument("--mask-threshold", type=mask_threshold_argument, metavar="P|MOD=P,...",
+                       help="the model's operating point: the decoder probability above which a pixel is in a mask, "
+                            "per modality, e.g. MR=0.4 (default: the architecture's 0.5, or --start-from's)")
     train.add_argument("--min-mask-pixels", type=int, metavar="PIXELS",
                        help="the model's operating point: the smallest first mask, in model-grid pixels, that makes a "
                             "slice's answer a finding (GroundedConfig.min_mask_pixels); default: the trainer's, 5")
@@ -112,6 +115,25 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     combine.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
     combine.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
     combine.set_defaults(func=combine_command)
+    point = actions.add_parser("point", parents=[common],
+                               help="a model at another operating point (e.g. one chosen on validation subjects), as a "
+                                    "new version: the same weights, a new card; registered, never activated")
+    point.add_argument("version", type=version_argument, metavar="VERSION", help="the new version's name")
+    point.add_argument("model", metavar="MODEL",
+                       help='"shipped", "active", a version from `model list` or a checkpoint folder')
+    point.add_argument("--mask-threshold", type=mask_threshold_argument, metavar="P|MOD=P,...",
+                       help="decoder probability above which a pixel is in a mask, for all modalities or per modality, "
+                            "e.g. MR=0.4 (others: the architecture's)")
+    point.add_argument("--min-mask-pixels", type=count_argument(1), metavar="PIXELS",
+                       help="the smallest first mask, in model-grid pixels, that makes a slice's answer a finding")
+    point.add_argument("--min-lesion-slices", type=lesion_slices_argument, metavar="N|MOD=N,...",
+                       help="3D lesions seen on fewer slices are dropped, e.g. CT=3,MR=3")
+    point.add_argument("--aligned-overlap", type=optional(aligned_overlap_argument), metavar="F|MOD=F,...|none",
+                       help="a shorter lesion of at least two slices is kept where its slice masks overlap by this "
+                            "fraction of the smaller, e.g. CT=0.75; none: never kept")
+    point.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
+    point.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
+    point.set_defaults(func=point_command)
 
 
 def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
@@ -141,6 +163,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     # The operating point: as asked, else the starting model's (validated with it), else the trainer's.
     min_lesion_slices = args.min_lesion_slices or (base.card.min_lesion_slices if base else 2)
     aligned_overlap = args.aligned_overlap or (base.card.aligned_lesion_overlap if base else None)
+    mask_threshold = args.mask_threshold or (base.card.mask_threshold if base else None)
     encoder_precision = base.card.encoder_precision if base else args.encoder_precision or "fp32"
     items, described = [], []
     use_synthetic = args.synthetic or not (args.folder or args.from_store)
@@ -159,7 +182,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     request = TrainRequest(out=out, cache=data / "cache", version=version, config=train_config, resume=args.resume,
                            min_lesion_slices=min_lesion_slices, aligned_lesion_overlap=aligned_overlap,
-                           mirror=args.mirror, progress=not args.quiet, start_from=base.path if base else None,
+                           mask_threshold=mask_threshold, mirror=args.mirror, progress=not args.quiet,
+                           start_from=base.path if base else None,
                            architecture=architecture, encoder_precision=encoder_precision,
                            device=config.jobs.device, description="; ".join(described),
                            command=card_command(args.command_line))
@@ -281,6 +305,25 @@ def _per_modality(text: str, convert: Callable[[str], Number], valid: Callable[[
     if not all(valid(v) for v in (value.values() if isinstance(value, dict) else [value])):
         raise argparse.ArgumentTypeError(f"{rule} ({name} or MODALITY={name},..., e.g. {example}): {text!r}")
     return value
+
+
+def mask_threshold_argument(text: str) -> float | dict[str, float]:
+    """"0.4" -> 0.4; "MR=0.4" -> {"MR": 0.4} (ModelCard.mask_threshold)."""
+    return _per_modality(text, float, lambda v: 0 < v < 1, "P", "MR=0.4", "every threshold must lie between 0 and 1")
+
+
+@dataclass(frozen=True)
+class Given:
+    """An option's value where None is a value of its own ("none"), told apart from the option not given."""
+
+    value: object
+
+
+def optional(parse: Callable[[str], object]) -> Callable[[str], Given]:
+    """An argparse type: "none" (no such rule) or what ``parse`` reads, wrapped in Given."""
+    def parse_or_none(text: str) -> Given:
+        return Given(None if text.strip().lower() == "none" else parse(text))
+    return parse_or_none
 
 
 def presence_argument(text: str) -> float:
@@ -430,6 +473,29 @@ def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
           + ("" if args.no_register else f" and registered (not active: dicom-node model activate {args.version})"))
     print(f"{card.version}'s card has no held-out figures yet: score it on subjects none of its runs trained on "
           "before activating it (README, Ensembles)")
+    return 0
+
+
+def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from inference.model.litemedsam import WeightsError
+    from training.repoint import KEEP, PointChange, repoint
+
+    given = {name: getattr(args, name) for name in ("mask_threshold", "min_mask_pixels", "min_lesion_slices")}
+    change = PointChange(**{name: KEEP if value is None else value for name, value in given.items()},
+                         aligned_lesion_overlap=KEEP if args.aligned_overlap is None else args.aligned_overlap.value)
+    out = args.out or config.storage.path / "models" / args.version
+    try:
+        source = starting_checkpoint(config, args.model, "model").path
+        card = repoint(source, out, args.version, change)
+    except (TrainingArgumentError, WeightsError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_register:
+        register_version(config, out, args.version)
+    print(f"model {args.version} ({source}'s weights at a new operating point) written to {out}"
+          + ("" if args.no_register else f" and registered (not active: dicom-node model activate {args.version})"))
+    print(f"{card.version}'s card has no held-out figures yet: score it on held-out subjects before activating it "
+          "(README, Operating point)")
     return 0
 
 

@@ -50,7 +50,7 @@ def test_echo_to_a_peer_that_is_down(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["echo"], ["status"], ["resend"], ["retry"], ["analyze"], ["train"],
-                                     ["model", "list"], ["model", "activate"], ["model", "combine"],
+                                     ["model", "list"], ["model", "activate"], ["model", "combine"], ["model", "point"],
                                      ["config", "check"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", *command, "--help"], capture_output=True, text=True)

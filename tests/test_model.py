@@ -157,6 +157,39 @@ def test_mirror_averaging_answers_a_slice_and_its_mirror_alike(trained, tmp_path
         averaging.interpret_embeddings(views[0], QUESTION)
 
 
+def test_a_mask_threshold_per_modality_draws_that_modalitys_masks_alone(trained, tmp_path):
+    """The card's ``mask_threshold`` for one modality loosens the masks (and the finding decision) of questions
+    about it; another modality's answers stay at the architecture's threshold."""
+    model, images, _, _, _ = trained
+    model.save(tmp_path / "ckpt")
+    card_path = tmp_path / "ckpt" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30}
+    card_path.write_text(json.dumps(card))
+    plain = BuiltinModel.load(tmp_path / "ckpt").interpret(images, QUESTION)  # QUESTION asks about CT
+    card["architecture"]["mask_threshold"] = 1e-4
+    card_path.write_text(json.dumps(card))
+    loose = BuiltinModel.load(tmp_path / "ckpt").interpret(images, QUESTION)
+    assert loose[0].answer.masks.sum() > plain[0].answer.masks.sum()  # the toy's masks do grow at 1e-4
+
+    card["architecture"]["mask_threshold"] = 0.5
+    for named, expected in (("MR", plain), ("CT", loose)):
+        card_path.write_text(json.dumps(card | {"mask_threshold": {named: 1e-4}}))
+        results = BuiltinModel.load(tmp_path / "ckpt").interpret(images, QUESTION)
+        assert [r.answer.text for r in results] == [r.answer.text for r in expected]
+        assert all((a.answer.masks == b.answer.masks).all() for a, b in zip(results, expected)), named
+
+
+@pytest.mark.parametrize("threshold", [0, 1, {"MR": 1.0}, {"CT": "0.4"}])
+def test_a_card_refuses_a_mask_threshold_outside_0_to_1(threshold):
+    from tests.conftest import tiny_card
+
+    with pytest.raises(ValueError, match="mask_threshold"):
+        tiny_card(mask_threshold=threshold)
+    card = tiny_card(mask_threshold={"MR": 0.4})
+    assert ModelCard.from_json(card.to_json()).mask_threshold == {"MR": 0.4}  # the card keeps the point
+
+
 @pytest.mark.parametrize("operating_point", [0, {"CT": 2, "MR": 0}, {"CT": "2"}])
 def test_a_card_refuses_an_impossible_operating_point(operating_point):
     from tests.conftest import tiny_card

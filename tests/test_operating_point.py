@@ -70,3 +70,23 @@ def test_among_equally_sensitive_points_the_one_with_fewer_false_positives_is_ch
     assert (loose.sensitivity, loose.finding_accuracy) == (strict.sensitivity, strict.finding_accuracy)
     assert (loose.false_positives_per_volume, strict.false_positives_per_volume) == (1.0, 0.0)
     assert choose([loose, strict], max_false_positives=1.0) == strict
+
+
+def test_the_loose_pass_draws_masks_at_the_threshold_it_scores_not_at_the_cards():
+    """A card with a threshold per modality: each pass must still draw every modality's masks at the threshold
+    being scored, and the card's point must be back afterwards."""
+    import math
+
+    from inference.model.builtin import BuiltinModel
+    from inference.model.protocol import recognition_question
+    from training.operating_point import _loosest
+
+    from tests.conftest import tiny_card
+
+    model = BuiltinModel.new(tiny_card(mask_threshold={"CT": 0.3}, min_lesion_slices={"CT": 3}), pretrained_sam=False)
+    ct, mr = recognition_question("CT"), recognition_question("MR")
+    assert math.isclose(model.mask_logit(ct), math.log(0.3 / 0.7)) and model.mask_logit(mr) == 0.0
+    with _loosest(model, 0.6):
+        assert math.isclose(model.mask_logit(ct), math.log(0.6 / 0.4)) and math.isclose(model.mask_logit(mr), math.log(0.6 / 0.4))
+        assert model.min_lesion_slices == 1 and model.network.config.min_mask_pixels == 1
+    assert math.isclose(model.mask_logit(ct), math.log(0.3 / 0.7)) and model.min_lesion_slices == {"CT": 3}

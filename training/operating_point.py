@@ -61,18 +61,19 @@ class PointScore:
 
 @contextmanager
 def _loosest(model: BuiltinModel, mask_threshold: float) -> Iterator[None]:
-    """The model at 1 pixel, presence 0 and 1 slice, without reliability samples (they do not change the
-    findings)."""
+    """The model at 1 pixel, presence 0 and 1 slice, ``mask_threshold`` for every modality, without reliability
+    samples (they do not change the findings)."""
     network = model.network
-    saved = network.config, model.min_lesion_slices, model.aligned_lesion_overlap, model.reliability
+    saved = network.config, model.min_lesion_slices, model.aligned_lesion_overlap, model.mask_threshold, model.reliability
     network.config = dataclasses.replace(network.config, min_mask_pixels=1, mask_threshold=mask_threshold,
                                          presence_threshold=0.0)
-    model.min_lesion_slices, model.aligned_lesion_overlap = 1, None
+    model.min_lesion_slices, model.aligned_lesion_overlap, model.mask_threshold = 1, None, None
     model.reliability = dataclasses.replace(model.reliability, samples=0)
     try:
         yield
     finally:
-        network.config, model.min_lesion_slices, model.aligned_lesion_overlap, model.reliability = saved
+        (network.config, model.min_lesion_slices, model.aligned_lesion_overlap, model.mask_threshold,
+         model.reliability) = saved
 
 
 def loosest_passes(items: list[LabeledSeries], model: BuiltinModel, cache: EmbeddingCache | None = None,

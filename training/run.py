@@ -54,6 +54,7 @@ class TrainRequest:
     architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
     min_lesion_slices: int | dict[str, int] = 2  # the operating point written into the card (ModelCard.min_lesion_slices)
     aligned_lesion_overlap: float | dict[str, float] | None = None  # and its exception (ModelCard.aligned_lesion_overlap)
+    mask_threshold: float | dict[str, float] | None = None  # and the masks' threshold (ModelCard.mask_threshold)
     mirror: bool = False  # train on left-right mirrored copies of every training slice too (with_mirrored)
     progress: bool = True  # a progress bar while training (off for logs and scheduled jobs)
     # The frozen encoder's precision, in training and in the card (ModelCard.encoder_precision): fp32 runs
@@ -148,6 +149,7 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
     modalities = tuple(sorted({i.modality for i in items}))
     card = ModelCard(name="dicom-node built-in", version=request.version, architecture=request.architecture,
                      min_lesion_slices=request.min_lesion_slices, aligned_lesion_overlap=request.aligned_lesion_overlap,
+                     mask_threshold=request.mask_threshold,
                      encoder_precision=request.encoder_precision,
                      modalities=modalities, findings=tuple(labels), training_data=request.description)
     model, base = starting_model(card, request.start_from, pick_device(request.device))

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, EnsembleMember, ModelCard, sha256_of
 from inference.model.detail import DetailFeatures
-from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter
+from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfig, GroundedSegmenter, probability_logit
 from inference.model.litemedsam import ArchitectureError, WeightsError, checked_weights, load_litemedsam
 from inference.model.precision import EncoderPrecision, encoder_bf16
 from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope, question_modality
@@ -91,6 +91,7 @@ class BuiltinModel:
         self.reliability = card.reliability
         self.min_lesion_slices = card.min_lesion_slices
         self.aligned_lesion_overlap = card.aligned_lesion_overlap
+        self.mask_threshold = card.mask_threshold  # per modality, or None: the architecture's (mask_logit)
         self.context_slices = network.config.context_slices  # neighbours each side the engine passes (2.5D)
         self.members: list[tuple[EnsembleMember, GroundedSegmenter]] = []  # further heads (add_member)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for the benchmark
@@ -288,7 +289,8 @@ class BuiltinModel:
         if len(views) > 1:
             logits = average_logits(*(l for l, _ in views))
             iou = sum(i.float() for _, i in views) / len(views)
-        finding = self.network.mask_pixels(logits) >= config.min_mask_pixels
+        mask_logit = self.mask_logit(question)
+        finding = self.network.mask_pixels(logits, mask_logit) >= config.min_mask_pixels
         if config.presence:
             finding &= self.network.mask_scores(iou) >= config.presence_threshold
         found = torch.nonzero(finding).flatten().tolist()
@@ -301,9 +303,16 @@ class BuiltinModel:
             for i, answer in zip(found, generated):
                 answers[i] = answer
                 if len(views) > 1:  # the first mask is the averaged one that made the slice a finding
-                    answer.masks[0] = (logits[i] > config.mask_logit).cpu().numpy()
+                    answer.masks[0] = (logits[i] > mask_logit).cpu().numpy()
                     answer.scores[0] = float(self.network.mask_scores(iou[i:i + 1])[0])
         return answers
+
+    def mask_logit(self, question: str) -> float:
+        """The decoder logit above which a pixel is in the mask, for the question's modality: the card's
+        ``mask_threshold`` for it where it names one, else the architecture's."""
+        value = self.mask_threshold
+        threshold = value.get(question_modality(question) or "") if isinstance(value, dict) else value
+        return self.network.config.mask_logit if threshold is None else probability_logit(threshold)
 
     def _answer_start(self) -> list[int] | None:
         """The tokens an answer with a finding is started with: "It is [SEG]" when the decoder decides."""
@@ -325,7 +334,7 @@ class BuiltinModel:
             else:
                 hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
                 logits, iou = self.network.decode_masks(embeddings[owners], hidden, None if detail is None else detail[owners])
-            masks, scores = (logits > self.network.config.mask_logit).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
+            masks, scores = (logits > self.mask_logit(question)).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
         self.timings["mask_decoder"] += time.perf_counter() - start_time
         answers, start = [], 0
         for g in generations:

@@ -78,6 +78,10 @@ class ModelCard:
     # least this fraction of the smaller (inference.findings.aligned): one value, or one per modality ({"CT":
     # 0.9}; a modality not named, or None: no such exception). Part of the operating point too.
     aligned_lesion_overlap: float | dict[str, float] | None = None
+    # A pixel is in a mask where the decoder's probability exceeds this: one value, or one per modality ({"MR":
+    # 0.4}; a modality not named, or None: the architecture's mask_threshold). Part of the operating point: it
+    # sets both a mask's outline and whether a slice draws min_mask_pixels, and the modalities' best differ.
+    mask_threshold: float | dict[str, float] | None = None
     # The precision the frozen encoder ran in when the model was trained, so also when it answers: bf16 and
     # fp32 embeddings of one slice differ (by up to 0.44 where their mean magnitude is 0.08), and the heads
     # learnt one of them. bf16 is about 3x faster than fp32 on CPUs with native bf16 (AVX512-BF16: 0.7 against 2.4 s a
@@ -94,6 +98,8 @@ class ModelCard:
         if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in _settings(self.aligned_lesion_overlap)):
             raise ValueError("aligned_lesion_overlap must be above 0 and at most 1 (per modality or for all), "
                              f"not {self.aligned_lesion_overlap!r}")
+        if not all(isinstance(v, (int, float)) and 0 < v < 1 for v in _settings(self.mask_threshold)):
+            raise ValueError(f"mask_threshold must lie between 0 and 1 (per modality or for all), not {self.mask_threshold!r}")
         names = [m.weights for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"ensemble members share a weights file: {', '.join(names)}")

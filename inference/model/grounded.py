@@ -54,6 +54,11 @@ from inference.model.vocabulary import BOS, EOS, SEG, build_tokenizer, decode, e
 FROZEN_PREFIXES = ("image_encoder.", "prompt_encoder.")
 TIED_OUTPUT = "language_model.lm_head.weight"  # tied to the input embeddings: saved once, as those
 DECISIONS = ("language", "decoder")
+
+
+def probability_logit(probability: float) -> float:
+    """The logit of a probability threshold: the decoder's outputs are logits, compared with it."""
+    return math.log(probability / (1 - probability))
 QUERY = f"It is {SEG}"  # the start of every answer with a finding: its [SEG] state is the decoder's query
 
 
@@ -80,7 +85,7 @@ class GroundedConfig:
     @property
     def mask_logit(self) -> float:
         """``mask_threshold`` as a logit: the decoder's output is compared with it."""
-        return math.log(self.mask_threshold / (1 - self.mask_threshold))
+        return probability_logit(self.mask_threshold)
 
     @property
     def ensemble_refusal(self) -> str:
@@ -281,10 +286,12 @@ class GroundedSegmenter(nn.Module):
             return logits.argmax(dim=-1)
         return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
 
-    def mask_pixels(self, logits: torch.Tensor) -> torch.Tensor:
-        """Pixels above ``mask_threshold`` in each of (n, h, w) mask logits: (n,). The one count by which the
-        node decides that a slice has a finding and the hard-negative miner that a clear slice is hard."""
-        return (logits.float() > self.config.mask_logit).sum(dim=(1, 2))
+    def mask_pixels(self, logits: torch.Tensor, mask_logit: float | None = None) -> torch.Tensor:
+        """Pixels above ``mask_logit`` (default: ``mask_threshold``'s) in each of (n, h, w) mask logits: (n,).
+        The one count by which the node decides that a slice has a finding and the hard-negative miner that a
+        clear slice is hard."""
+        limit = self.config.mask_logit if mask_logit is None else mask_logit
+        return (logits.float() > limit).sum(dim=(1, 2))
 
     def decode_masks(self, embeddings: torch.Tensor, seg_hidden: torch.Tensor,
                      detail: DetailFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:

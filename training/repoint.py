@@ -1,0 +1,64 @@
+"""A trained model at another operating point, as a new version: the point (mask threshold, smallest mask,
+slice rule) turns the decoder's masks into reported lesions and does not touch training, so a point chosen on
+validation subjects (``benchmarks.operating_point``) needs the same weights and a new card, not a new run."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
+from inference.model.grounded import GroundedConfig
+from inference.model.litemedsam import checked_weights
+
+KEEP = object()  # a setting left as the source card has it
+
+
+class RepointError(ValueError):
+    """A new point that cannot be written (nothing changed, no checkpoint there, or out holds one)."""
+
+
+@dataclass(frozen=True)
+class PointChange:
+    """The settings to change; ``KEEP`` leaves one as it is (None is a value: no aligned-overlap rule, or the
+    architecture's mask threshold for every modality)."""
+
+    mask_threshold: object = KEEP  # float | dict[str, float] | None (ModelCard.mask_threshold)
+    min_mask_pixels: object = KEEP  # int (GroundedConfig.min_mask_pixels)
+    min_lesion_slices: object = KEEP  # int | dict[str, int] (ModelCard.min_lesion_slices)
+    aligned_lesion_overlap: object = KEEP  # float | dict[str, float] | None (ModelCard.aligned_lesion_overlap)
+
+    def changed(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not KEEP}
+
+
+def repoint(folder: Path, out: Path, version: str, change: PointChange) -> ModelCard:
+    """Write ``folder``'s model (its heads and any ensemble members, each checked against the card) to ``out``
+    as ``version`` at the changed point. The held-out figures are cleared, since they were the old point's;
+    the training record is kept, with the version the point was changed from."""
+    changes = change.changed()
+    if not changes:
+        raise RepointError("no operating-point setting given: nothing would change")
+    if (out / CARD_FILE).exists() or out.resolve() == folder.resolve():
+        raise RepointError(f"{out} holds a checkpoint already: write the new version to a new folder")
+    try:
+        source = ModelCard.from_json((folder / CARD_FILE).read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise RepointError(f"{folder} holds no readable model card ({exc})") from None
+    checked_weights(folder / WEIGHTS_FILE, source.weights_sha256)
+    for member in source.members:
+        checked_weights(folder / member.weights, member.sha256)
+    architecture = dict(source.architecture)
+    if "min_mask_pixels" in changes:
+        architecture["min_mask_pixels"] = changes.pop("min_mask_pixels")
+    GroundedConfig(**architecture)  # refuses an impossible min_mask_pixels
+    training = {**source.metrics.get("training", {}), "operating_point_of": source.version}
+    card = dataclasses.replace(source, version=version, architecture=architecture, metrics={"training": training},
+                               **changes)  # ModelCard refuses impossible values
+    out.mkdir(parents=True, exist_ok=True)
+    for name in [WEIGHTS_FILE, *(m.weights for m in source.members)]:
+        shutil.copyfile(folder / name, out / name)
+    (out / CARD_FILE).write_text(card.to_json())
+    return card
