@@ -192,10 +192,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     except TrainingDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.no_register:
-        register_version(config, out, version)
-    print(f"model {version} written to {out}" + ("" if args.no_register else " and registered (not active: "
-          f"dicom-node model activate {version})"))
+    print(f"model {version} written to {out}" + _registered(config, out, version, args.no_register))
     _print_metrics(card.metrics)
     return 0
 
@@ -213,8 +210,11 @@ def stored_series(config: NodeConfig, modality: str | None, label: str | None, s
         engine.dispose()
 
 
-def register_version(config: NodeConfig, out: Path, version: str) -> None:
-    """Record a written checkpoint in the node's database as a version an admin may activate (never active)."""
+def _registered(config: NodeConfig, out: Path, version: str, no_register: bool) -> str:
+    """Record a written checkpoint in the node's database as a version an admin may activate (never active),
+    unless asked not to; the words that say so after "written to <out>"."""
+    if no_register:
+        return ""
     from dicom_node.model_registry import register
     from storage.database import make_engine, make_sessionmaker
 
@@ -224,6 +224,7 @@ def register_version(config: NodeConfig, out: Path, version: str) -> None:
             register(session, out, version)
     finally:
         engine.dispose()
+    return f" and registered (not active: dicom-node model activate {version})"
 
 
 def synthetic_description(spec: SyntheticSpec) -> str:
@@ -467,10 +468,8 @@ def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
     except (TrainingArgumentError, EnsembleError, WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.no_register:
-        register_version(config, out, args.version)
     print(f"ensemble {args.version} of {len(folders)} models written to {out}"
-          + ("" if args.no_register else f" and registered (not active: dicom-node model activate {args.version})"))
+          + _registered(config, out, args.version, args.no_register))
     print(f"{card.version}'s card has no held-out figures yet: score it on subjects none of its runs trained on "
           "before activating it (README, Ensembles)")
     return 0
@@ -490,10 +489,8 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
     except (TrainingArgumentError, WeightsError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.no_register:
-        register_version(config, out, args.version)
     print(f"model {args.version} ({source}'s weights at a new operating point) written to {out}"
-          + ("" if args.no_register else f" and registered (not active: dicom-node model activate {args.version})"))
+          + _registered(config, out, args.version, args.no_register))
     print(f"{card.version}'s card has no held-out figures yet: score it on held-out subjects before activating it "
           "(README, Operating point)")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,6 +91,16 @@ def tiny_card(**changes):
 
     return ModelCard(**{"name": "tiny", "version": "0.0.1-test", "architecture": TINY, "modalities": ("CT", "MR"),
                         "encoder_precision": "fp32"} | changes)
+
+
+def decoder_checkpoint(model, folder, **changes):  # type: ignore[no-untyped-def]
+    """A taught toy saved as a decoder-decided checkpoint (its weights untouched; the card says how it
+    decides: the [SEG] query's mask, 30 model-grid pixels), with ``changes`` to its card."""
+    model.save(folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30}
+    (folder / "model_card.json").write_text(json.dumps(card | changes))
+    return folder
 
 
 def _question() -> str:

@@ -12,27 +12,18 @@ from inference.model.litemedsam import WeightsError
 from inference.model.protocol import question_modality, recognition_question
 from training.ensemble import EnsembleError, combine
 
-from tests.conftest import QUESTION
-
-
-def _decoder_checkpoint(model, folder, **changes):  # type: ignore[no-untyped-def]
-    """The toy saved as a decoder-decided checkpoint (its weights untouched; the card says how it decides)."""
-    model.save(folder)
-    card = json.loads((folder / "model_card.json").read_text())
-    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30}
-    (folder / "model_card.json").write_text(json.dumps(card | changes))
-    return folder
+from tests.conftest import QUESTION, decoder_checkpoint
 
 
 @pytest.fixture(scope="module")
 def runs(trained, tmp_path_factory):  # type: ignore[no-untyped-def]
     """Two runs of one architecture: the taught toy, and heads that learnt nothing, which answer only MR."""
     folder = tmp_path_factory.mktemp("runs")
-    taught = _decoder_checkpoint(trained[0], folder / "taught")
+    taught = decoder_checkpoint(trained[0], folder / "taught")
     with torch.random.fork_rng():
         torch.manual_seed(1)
         other = BuiltinModel.new(ModelCard.from_json((taught / "model_card.json").read_text()))
-    return taught, _decoder_checkpoint(other, folder / "other", version="0.0.2-other", modalities=["MR"])
+    return taught, decoder_checkpoint(other, folder / "other", version="0.0.2-other", modalities=["MR"])
 
 
 def _first_logits(model: BuiltinModel, embeddings: torch.Tensor, question: str) -> torch.Tensor:
@@ -88,7 +79,7 @@ def test_combining_refuses_what_cannot_be_averaged(trained, runs, tmp_path):
     taught, other = runs
     with pytest.raises(EnsembleError, match="at least two"):
         combine([taught], tmp_path / "one", "x")
-    wider = _decoder_checkpoint(trained[0], tmp_path / "wider")
+    wider = decoder_checkpoint(trained[0], tmp_path / "wider")
     card = json.loads((wider / "model_card.json").read_text())
     card["architecture"]["min_mask_pixels"] = 5
     (wider / "model_card.json").write_text(json.dumps(card))

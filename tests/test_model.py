@@ -13,7 +13,7 @@ from inference.model.litemedsam import LITEMEDSAM_SHA256, WeightsError, litemeds
 from inference.model.protocol import normalize_finding, parse_findings, recognition_question, segmentation_question
 from inference.model.vocabulary import build_tokenizer, decode, encode
 
-from tests.conftest import QUESTION, TOY_ANSWERS
+from tests.conftest import QUESTION, TOY_ANSWERS, decoder_checkpoint
 
 
 def test_questions_follow_unibiomed():
@@ -79,11 +79,8 @@ def test_lesion_weight_multiplies_the_cost_of_lesion_pixels_alone(trained):
 def test_the_mask_decoder_decides_when_the_card_says_so(trained, tmp_path):
     """decision = "decoder": the [SEG] query's mask decides; the language model names what it found."""
     model, images, _, targets, _ = trained
-    model.save(tmp_path / "ckpt")
-    card_path = tmp_path / "ckpt" / "model_card.json"
+    card_path = decoder_checkpoint(model, tmp_path / "ckpt") / "model_card.json"
     card = json.loads(card_path.read_text())
-    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30}
-    card_path.write_text(json.dumps(card))
     gated = BuiltinModel.load(tmp_path / "ckpt")
     results = gated.interpret(images, QUESTION, samples=2)
     assert [r.answer.text for r in results] == ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
@@ -161,11 +158,8 @@ def test_a_mask_threshold_per_modality_draws_that_modalitys_masks_alone(trained,
     """The card's ``mask_threshold`` for one modality loosens the masks (and the finding decision) of questions
     about it; another modality's answers stay at the architecture's threshold."""
     model, images, _, _, _ = trained
-    model.save(tmp_path / "ckpt")
-    card_path = tmp_path / "ckpt" / "model_card.json"
+    card_path = decoder_checkpoint(model, tmp_path / "ckpt") / "model_card.json"
     card = json.loads(card_path.read_text())
-    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30}
-    card_path.write_text(json.dumps(card))
     plain = BuiltinModel.load(tmp_path / "ckpt").interpret(images, QUESTION)  # QUESTION asks about CT
     card["architecture"]["mask_threshold"] = 1e-4
     card_path.write_text(json.dumps(card))

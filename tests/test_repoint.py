@@ -1,29 +1,22 @@
 """`dicom-node model point`: a trained model at another operating point, as a new version with the same weights."""
 
-import json
-
 import pytest
 
 from inference.model.builtin import BuiltinModel
 from inference.model.card import ModelCard
 from training.repoint import KEEP, PointChange, RepointError, repoint
 
-from tests.conftest import QUESTION
+from tests.conftest import QUESTION, decoder_checkpoint
 
 
 @pytest.fixture(scope="module")
-def decoder_checkpoint(trained, tmp_path_factory):  # type: ignore[no-untyped-def]
+def source(trained, tmp_path_factory):  # type: ignore[no-untyped-def]
     """The taught toy as a decoder-decided checkpoint with held-out figures on its card."""
-    folder = tmp_path_factory.mktemp("point") / "source"
-    trained[0].save(folder)
-    card = json.loads((folder / "model_card.json").read_text())
-    card["architecture"] |= {"decision": "decoder", "min_mask_pixels": 30}
-    card["metrics"] = {"CT": {"lesion_sensitivity": 1.0}, "training": {"steps": 7}}
-    (folder / "model_card.json").write_text(json.dumps(card))
-    return folder
+    metrics = {"CT": {"lesion_sensitivity": 1.0}, "training": {"steps": 7}}
+    return decoder_checkpoint(trained[0], tmp_path_factory.mktemp("point") / "source", metrics=metrics)
 
 
-def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, decoder_checkpoint, tmp_path, capsys):
+def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, source, tmp_path, capsys):
     """The new version's card carries the point (CT masks at a looser threshold), its held-out figures are
     cleared (they were the old point's) and the weights are the same file; the source is untouched."""
     from dicom_node.cli import main
@@ -32,7 +25,7 @@ def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, d
     images = trained[1]
     config = write_node_config(tmp_path / "node", 11112, [])
     out = tmp_path / "loose"
-    assert main(["model", "point", "p-1", str(decoder_checkpoint), "--mask-threshold", "CT=0.0001",
+    assert main(["model", "point", "p-1", str(source), "--mask-threshold", "CT=0.0001",
                  "--min-lesion-slices", "CT=3,MR=2", "--aligned-overlap", "CT=0.75", "--out", str(out),
                  "--config", str(config)]) == 0
     assert "has no held-out figures yet" in capsys.readouterr().out
@@ -40,8 +33,9 @@ def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, d
     assert (card.version, card.mask_threshold, card.min_lesion_slices, card.aligned_lesion_overlap) == (
         "p-1", {"CT": 0.0001}, {"CT": 3, "MR": 2}, {"CT": 0.75})
     assert card.metrics == {"training": {"steps": 7, "operating_point_of": "0.0.1-test"}}
-    assert (out / "model.safetensors").read_bytes() == (decoder_checkpoint / "model.safetensors").read_bytes()
-    before = BuiltinModel.load(decoder_checkpoint).interpret(images, QUESTION)
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert ModelCard.from_json((source / "model_card.json").read_text()).metrics["CT"] == {"lesion_sensitivity": 1.0}
+    before = BuiltinModel.load(source).interpret(images, QUESTION)
     after = BuiltinModel.load(out).interpret(images, QUESTION)
     assert [r.answer.text for r in after] == [r.answer.text for r in before]
     assert (after[0].answer.masks >= before[0].answer.masks).all()
@@ -57,21 +51,21 @@ def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, d
     assert card.mask_threshold == {"CT": 0.0001} and card.metrics["training"]["operating_point_of"] == "p-1"
 
 
-def test_a_point_that_cannot_be_written_is_refused(decoder_checkpoint, tmp_path, capsys):
+def test_a_point_that_cannot_be_written_is_refused(source, tmp_path, capsys):
     from dicom_node.cli import main
     from tests.localpeers import write_node_config
 
     with pytest.raises(RepointError, match="nothing would change"):
-        repoint(decoder_checkpoint, tmp_path / "a", "a", PointChange())
+        repoint(source, tmp_path / "a", "a", PointChange())
     with pytest.raises(RepointError, match="new folder"):
-        repoint(decoder_checkpoint, decoder_checkpoint, "a", PointChange(min_lesion_slices=3))
+        repoint(source, source, "a", PointChange(min_lesion_slices=3))
     with pytest.raises(ValueError, match="min_lesion_slices"):
-        repoint(decoder_checkpoint, tmp_path / "b", "b", PointChange(min_lesion_slices={"CT": 0}))
+        repoint(source, tmp_path / "b", "b", PointChange(min_lesion_slices={"CT": 0}))
     assert not (tmp_path / "b").exists()  # nothing half-written
     assert PointChange(aligned_lesion_overlap=None, mask_threshold=KEEP).changed() == {"aligned_lesion_overlap": None}
 
     config = write_node_config(tmp_path / "node", 11112, [])
-    command = ["model", "point", "p-3", str(decoder_checkpoint), "--config", str(config), "--no-register"]
+    command = ["model", "point", "p-3", str(source), "--config", str(config), "--no-register"]
     assert main([*command, "--out", str(tmp_path / "c")]) == 2
     assert "nothing would change" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -81,7 +75,7 @@ def test_a_point_that_cannot_be_written_is_refused(decoder_checkpoint, tmp_path,
     tampered = tmp_path / "tampered"
     tampered.mkdir()
     for name in ("model.safetensors", "model_card.json"):
-        (tampered / name).write_bytes((decoder_checkpoint / name).read_bytes())
+        (tampered / name).write_bytes((source / name).read_bytes())
     with (tampered / "model.safetensors").open("r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\x00\x01\x02\x03")
