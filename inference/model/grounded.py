@@ -54,12 +54,12 @@ from inference.model.vocabulary import BOS, EOS, SEG, build_tokenizer, decode, e
 FROZEN_PREFIXES = ("image_encoder.", "prompt_encoder.")
 TIED_OUTPUT = "language_model.lm_head.weight"  # tied to the input embeddings: saved once, as those
 DECISIONS = ("language", "decoder")
+QUERY = f"It is {SEG}"  # the start of every answer with a finding: its [SEG] state is the decoder's query
 
 
 def probability_logit(probability: float) -> float:
     """The logit of a probability threshold: the decoder's outputs are logits, compared with it."""
     return math.log(probability / (1 - probability))
-QUERY = f"It is {SEG}"  # the start of every answer with a finding: its [SEG] state is the decoder's query
 
 
 @dataclass(frozen=True)
