@@ -75,9 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--question", default="", help="question to ask (default: the route's, else UniBiomed's recognition question)")
     analyze.set_defaults(func=_analyze)
 
-    from dicom_node.train_command import add_commands
+    from dicom_node import model_command, train_command
 
-    add_commands(commands, common)
+    train_command.add_commands(commands, common)
+    model_command.add_commands(commands, common)
 
     config = commands.add_parser("config", parents=[common], help="configuration commands")
     config_commands = config.add_subparsers(title="config commands", metavar="ACTION")

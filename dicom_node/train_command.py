@@ -1,22 +1,22 @@
-"""`dicom-node train` and `dicom-node model list|activate|combine|point`: the command-line side of training."""
+"""`dicom-node train`: the command-line side of training (the versions it writes: model_command)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shlex
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
+from dicom_node.cli_types import (aligned_overlap_argument, count_argument, lesion_slices_argument,
+                                  mask_threshold_argument, presence_argument, version_argument)
 from dicom_node.config import NodeConfig
-from inference.model.card import CARD_FILE, ModelCard
+from dicom_node.model_command import registered, starting_checkpoint
 
 if TYPE_CHECKING:
+    from inference.model.card import ModelCard
     from training.sources import LabeledSeries, SyntheticSpec
 
 logger = logging.getLogger(__name__)
@@ -96,44 +96,6 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=train_command)
 
-    model = commands.add_parser("model", parents=[common], help="list the models, activate one")
-    actions = model.add_subparsers(title="model commands", metavar="ACTION")
-    listing = actions.add_parser("list", parents=[common], help="the shipped model and every trained version, with their figures")
-    listing.set_defaults(func=list_command)
-    activate = actions.add_parser("activate", parents=[common], help="make a version the one routes with model = \"active\" use")
-    activate.add_argument("version", metavar="VERSION", help='a version from `model list`, or "shipped"')
-    activate.set_defaults(func=activate_command)
-    combine = actions.add_parser("combine", parents=[common],
-                                 help="one ensemble checkpoint from several trained runs (their answers averaged)")
-    combine.add_argument("version", metavar="VERSION", help="the ensemble's version")
-    combine.add_argument("models", nargs="+", metavar="MODEL",
-                         help='two or more: "shipped", "active", versions from `model list` or checkpoint folders; '
-                              "the first's card, operating point and labels are the ensemble's")
-    combine.add_argument("--modality", action="append", metavar="MODALITY",
-                         help="average only for this modality (repeat for several); others are answered by the first "
-                              "model alone (default: every modality the first shares with each other)")
-    combine.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
-    combine.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
-    combine.set_defaults(func=combine_command)
-    point = actions.add_parser("point", parents=[common],
-                               help="a model at another operating point (e.g. one chosen on validation subjects), as a "
-                                    "new version: the same weights, a new card; registered, never activated")
-    point.add_argument("version", type=version_argument, metavar="VERSION", help="the new version's name")
-    point.add_argument("model", metavar="MODEL",
-                       help='"shipped", "active", a version from `model list` or a checkpoint folder')
-    point.add_argument("--mask-threshold", type=mask_threshold_argument, metavar="P|MOD=P,...",
-                       help="decoder probability above which a pixel is in a mask, for all modalities or per modality, "
-                            "e.g. MR=0.4 (others: the architecture's)")
-    point.add_argument("--min-mask-pixels", type=count_argument(1), metavar="PIXELS",
-                       help="the smallest first mask, in model-grid pixels, that makes a slice's answer a finding")
-    point.add_argument("--min-lesion-slices", type=lesion_slices_argument, metavar="N|MOD=N,...",
-                       help="3D lesions seen on fewer slices are dropped, e.g. CT=3,MR=3")
-    point.add_argument("--aligned-overlap", type=optional(aligned_overlap_argument), metavar="F|MOD=F,...|none",
-                       help="a shorter lesion of at least two slices is kept where its slice masks overlap by this "
-                            "fraction of the smaller, e.g. CT=0.75; none: never kept")
-    point.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
-    point.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
-    point.set_defaults(func=point_command)
 
 
 def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
@@ -192,7 +154,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     except TrainingDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"model {version} written to {out}" + _registered(config, out, version, args.no_register))
+    print(f"model {version} written to {out}" + registered(config, out, version, args.no_register))
     _print_metrics(card.metrics)
     return 0
 
@@ -208,23 +170,6 @@ def stored_series(config: NodeConfig, modality: str | None, label: str | None, s
             return from_store(session, config.storage.path, modality, label, since)
     finally:
         engine.dispose()
-
-
-def _registered(config: NodeConfig, out: Path, version: str, no_register: bool) -> str:
-    """Record a written checkpoint in the node's database as a version an admin may activate (never active),
-    unless asked not to; the words that say so after "written to <out>"."""
-    if no_register:
-        return ""
-    from dicom_node.model_registry import register
-    from storage.database import make_engine, make_sessionmaker
-
-    engine = make_engine(config.storage.database_url, writer=True)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            register(session, out, version)
-    finally:
-        engine.dispose()
-    return f" and registered (not active: dicom-node model activate {version})"
 
 
 def synthetic_description(spec: SyntheticSpec) -> str:
@@ -255,88 +200,6 @@ def card_command(argv: list[str]) -> str:
     return "dicom-node " + " ".join(recorded)
 
 
-def count_argument(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``least`` (a step count), else a usage error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
-        return value
-    return parse
-
-
-VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def version_argument(text: str) -> str:
-    """An argparse type: a version name, which becomes a folder under the store's models/ and a name in
-    `model list`; a "/" or ".." would put the checkpoint elsewhere, and "active" or "shipped" mean other models."""
-    if not VERSION_NAME.fullmatch(text) or text in ("active", "shipped"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a version name (up to 64 letters, digits, '.', '_', '-', "
-                                         "starting with a letter or digit; not \"active\" or \"shipped\")")
-    return text
-
-
-Number = TypeVar("Number", int, float)
-
-
-def lesion_slices_argument(text: str) -> int | dict[str, int]:
-    """"2" -> 2; "CT=2,MR=3" -> {"CT": 2, "MR": 3} (ModelCard.min_lesion_slices)."""
-    return _per_modality(text, int, lambda v: v >= 1, "N", "CT=2,MR=3", "every slice count must be at least 1")
-
-
-def aligned_overlap_argument(text: str) -> float | dict[str, float]:
-    """"0.9" -> 0.9; "CT=0.9" -> {"CT": 0.9} (ModelCard.aligned_lesion_overlap)."""
-    return _per_modality(text, float, lambda v: 0 < v <= 1, "F", "CT=0.9", "every overlap must be above 0 and at most 1")
-
-
-def _per_modality(text: str, convert: Callable[[str], Number], valid: Callable[[Number], bool], name: str,
-                  example: str, rule: str) -> Number | dict[str, Number]:
-    """One value for all modalities, or MODALITY=value pairs (modalities upper-cased), each checked by ``valid``."""
-    try:
-        if "=" not in text:
-            value: Number | dict[str, Number] = convert(text)
-        else:
-            value = {modality.strip().upper(): convert(number) for modality, number in (part.split("=", 1) for part in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {name} or MODALITY={name},... (e.g. {example}), not {text!r}") from None
-    if not all(valid(v) for v in (value.values() if isinstance(value, dict) else [value])):
-        raise argparse.ArgumentTypeError(f"{rule} ({name} or MODALITY={name},..., e.g. {example}): {text!r}")
-    return value
-
-
-def mask_threshold_argument(text: str) -> float | dict[str, float]:
-    """"0.4" -> 0.4; "MR=0.4" -> {"MR": 0.4} (ModelCard.mask_threshold)."""
-    return _per_modality(text, float, lambda v: 0 < v < 1, "P", "MR=0.4", "every threshold must lie between 0 and 1")
-
-
-@dataclass(frozen=True)
-class Given:
-    """An option's value where None is a value of its own ("none"), told apart from the option not given."""
-
-    value: object
-
-
-def optional(parse: Callable[[str], object]) -> Callable[[str], Given]:
-    """An argparse type: "none" (no such rule) or what ``parse`` reads, wrapped in Given."""
-    def parse_or_none(text: str) -> Given:
-        return Given(None if text.strip().lower() == "none" else parse(text))
-    return parse_or_none
-
-
-def presence_argument(text: str) -> float:
-    """"0.3" -> 0.3, checked by GroundedConfig itself (a presence probability, at least 0 and below 1)."""
-    from inference.model.grounded import GroundedConfig
-
-    try:
-        return GroundedConfig(presence_threshold=float(text)).presence_threshold
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"presence_threshold must be at least 0 and below 1, not {text!r}") from None
-
-
 def training_architecture(presence: float | None, mirror: bool = False, detail: int | None = None,
                           context: int | None = None, min_mask_pixels: int | None = None) -> dict:
     """The trainer's default architecture, with the presence head on at ``presence`` where given, mirror
@@ -363,32 +226,6 @@ def training_architecture(presence: float | None, mirror: bool = False, detail: 
     except ValueError as exc:
         raise TrainingArgumentError(str(exc)) from None
     return architecture
-
-
-@dataclass(frozen=True)
-class StartingCheckpoint:
-    path: Path
-    card: ModelCard
-
-
-def starting_checkpoint(config: NodeConfig, name: str, option: str = "--start-from") -> StartingCheckpoint:
-    """--start-from's checkpoint (or another ``option``'s): "shipped", "active", a registered version or a
-    folder (read, not written)."""
-    from dicom_node.model_registry import UnknownModelError, find_model
-    from storage.database import make_engine, make_sessionmaker
-
-    engine = make_engine(config.storage.database_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            path = find_model(session, name)
-    except UnknownModelError as exc:
-        raise TrainingArgumentError(f"{option}: no model {exc} (see dicom-node model list)") from None
-    finally:
-        engine.dispose()
-    try:
-        return StartingCheckpoint(path, ModelCard.from_json((path / CARD_FILE).read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise TrainingArgumentError(f"{option}: {path} holds no readable model card ({exc})") from None
 
 
 def fine_tuning_architecture(base: ModelCard, presence: float | None, mirror: bool, detail: int | None,
@@ -432,85 +269,5 @@ def _print_metrics(metrics: dict) -> None:
             continue
         shown = ", ".join(f"{k} {values.get(k)}" for k in keys)
         print(f"  {group:4} {values.get('volumes')} volumes: {shown}")
-
-
-def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
-    from dicom_node.model_registry import list_models
-    from storage.database import make_engine, make_sessionmaker
-
-    engine = make_engine(config.storage.database_url)
-    with make_sessionmaker(engine)() as session:
-        entries = list_models(session)
-    engine.dispose()
-    for entry in entries:
-        mark = "*" if entry.active else " "
-        if entry.card is None:
-            print(f"{mark} {entry.version:24} {entry.path} (no checkpoint there)")
-            continue
-        figures = {m: entry.card.metrics.get(m, {}) for m in entry.card.modalities}
-        shown = "; ".join(f"{m}: sensitivity {v.get('lesion_sensitivity')}, FP/volume {v.get('false_positives_per_volume')}, "
-                          f"Dice {v.get('mean_dice_detected_lesions')}" for m, v in figures.items() if v)
-        kind = f", an ensemble of {len(entry.card.members) + 1} runs" if entry.card.members else ""
-        print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}{kind}) {shown}")
-        print(f"  {'':24} {entry.path}")
-    print("* = active (used by routes with model = \"active\")")
-    return 0
-
-
-def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
-    from inference.model.litemedsam import WeightsError
-    from training.ensemble import EnsembleError, combine
-
-    out = args.out or config.storage.path / "models" / args.version
-    try:
-        folders = [starting_checkpoint(config, name, "model").path for name in args.models]
-        card = combine(folders, out, args.version, tuple(m.upper() for m in args.modality) if args.modality else None)
-    except (TrainingArgumentError, EnsembleError, WeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"ensemble {args.version} of {len(folders)} models written to {out}"
-          + _registered(config, out, args.version, args.no_register))
-    print(f"{card.version}'s card has no held-out figures yet: score it on subjects none of its runs trained on "
-          "before activating it (README, Ensembles)")
-    return 0
-
-
-def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
-    from inference.model.litemedsam import WeightsError
-    from training.repoint import KEEP, PointChange, repoint
-
-    given = {name: getattr(args, name) for name in ("mask_threshold", "min_mask_pixels", "min_lesion_slices")}
-    change = PointChange(**{name: KEEP if value is None else value for name, value in given.items()},
-                         aligned_lesion_overlap=KEEP if args.aligned_overlap is None else args.aligned_overlap.value)
-    out = args.out or config.storage.path / "models" / args.version
-    try:
-        source = starting_checkpoint(config, args.model, "model").path
-        card = repoint(source, out, args.version, change)
-    except (TrainingArgumentError, WeightsError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"model {args.version} ({source}'s weights at a new operating point) written to {out}"
-          + _registered(config, out, args.version, args.no_register))
-    print(f"{card.version}'s card has no held-out figures yet: score it on held-out subjects before activating it "
-          "(README, Operating point)")
-    return 0
-
-
-def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
-    from dicom_node.model_registry import UnknownModelError, activate
-    from storage.database import make_engine, make_sessionmaker
-
-    engine = make_engine(config.storage.database_url, writer=True)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            path = activate(session, args.version)
-    except UnknownModelError as exc:
-        print(f"error: no model {exc} (see dicom-node model list)", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
-    print(f"model {args.version} ({path}) is active; the running node uses it from its next job")
-    return 0
-
 
 

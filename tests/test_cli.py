@@ -66,14 +66,14 @@ def test_options_work_before_and_after_the_command(tmp_path, capsys):
 
 @pytest.mark.parametrize("text,value", [("2", 2), ("CT=2,MR=3", {"CT": 2, "MR": 3}), ("mr=4", {"MR": 4})])
 def test_the_operating_point_is_given_for_all_modalities_or_per_modality(text, value):
-    from dicom_node.train_command import lesion_slices_argument
+    from dicom_node.cli_types import lesion_slices_argument
 
     assert lesion_slices_argument(text) == value
 
 
 @pytest.mark.parametrize("text,value", [("0.9", 0.9), ("CT=0.9", {"CT": 0.9}), ("ct=1,MR=0.5", {"CT": 1.0, "MR": 0.5})])
 def test_the_aligned_overlap_is_given_for_all_modalities_or_per_modality(text, value):
-    from dicom_node.train_command import aligned_overlap_argument
+    from dicom_node.cli_types import aligned_overlap_argument
 
     assert aligned_overlap_argument(text) == value
 
@@ -88,7 +88,8 @@ def test_an_aligned_overlap_outside_0_to_1_or_malformed_is_a_usage_error(text, c
 
 
 def test_presence_is_off_unless_asked_for_and_a_threshold_must_be_a_probability(capsys):
-    from dicom_node.train_command import TrainingArgumentError, presence_argument, training_architecture
+    from dicom_node.cli_types import presence_argument
+    from dicom_node.train_command import TrainingArgumentError, training_architecture
     from inference.model.grounded import GroundedConfig
 
     assert GroundedConfig(**training_architecture(None)).presence is False

@@ -1,0 +1,183 @@
+"""`dicom-node model list|activate|combine|point`: the versions a node may answer with, and how an admin picks one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.cli_types import (aligned_overlap_argument, count_argument, lesion_slices_argument,
+                                  mask_threshold_argument, optional, version_argument)
+from dicom_node.config import NodeConfig
+from inference.model.card import CARD_FILE, ModelCard
+
+
+class ModelChoiceError(ValueError):
+    """A model named on the command line that is not there: no such version, or a folder without a readable card."""
+
+
+def add_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    model = commands.add_parser("model", parents=[common], help="list the models, activate one")
+    actions = model.add_subparsers(title="model commands", metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help="the shipped model and every trained version, with their figures")
+    listing.set_defaults(func=list_command)
+    activate = actions.add_parser("activate", parents=[common], help="make a version the one routes with model = \"active\" use")
+    activate.add_argument("version", metavar="VERSION", help='a version from `model list`, or "shipped"')
+    activate.set_defaults(func=activate_command)
+    combine = actions.add_parser("combine", parents=[common],
+                                 help="one ensemble checkpoint from several trained runs (their answers averaged)")
+    combine.add_argument("version", metavar="VERSION", help="the ensemble's version")
+    combine.add_argument("models", nargs="+", metavar="MODEL",
+                         help='two or more: "shipped", "active", versions from `model list` or checkpoint folders; '
+                              "the first's card, operating point and labels are the ensemble's")
+    combine.add_argument("--modality", action="append", metavar="MODALITY",
+                         help="average only for this modality (repeat for several); others are answered by the first "
+                              "model alone (default: every modality the first shares with each other)")
+    combine.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
+    combine.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
+    combine.set_defaults(func=combine_command)
+    point = actions.add_parser("point", parents=[common],
+                               help="a model at another operating point (e.g. one chosen on validation subjects), as a "
+                                    "new version: the same weights, a new card; registered, never activated")
+    point.add_argument("version", type=version_argument, metavar="VERSION", help="the new version's name")
+    point.add_argument("model", metavar="MODEL",
+                       help='"shipped", "active", a version from `model list` or a checkpoint folder')
+    point.add_argument("--mask-threshold", type=mask_threshold_argument, metavar="P|MOD=P,...",
+                       help="decoder probability above which a pixel is in a mask, for all modalities or per modality, "
+                            "e.g. MR=0.4 (others: the architecture's)")
+    point.add_argument("--min-mask-pixels", type=count_argument(1), metavar="PIXELS",
+                       help="the smallest first mask, in model-grid pixels, that makes a slice's answer a finding")
+    point.add_argument("--min-lesion-slices", type=lesion_slices_argument, metavar="N|MOD=N,...",
+                       help="3D lesions seen on fewer slices are dropped, e.g. CT=3,MR=3")
+    point.add_argument("--aligned-overlap", type=optional(aligned_overlap_argument), metavar="F|MOD=F,...|none",
+                       help="a shorter lesion of at least two slices is kept where its slice masks overlap by this "
+                            "fraction of the smaller, e.g. CT=0.75; none: never kept")
+    point.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
+    point.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
+    point.set_defaults(func=point_command)
+
+
+@dataclass(frozen=True)
+class StartingCheckpoint:
+    path: Path
+    card: ModelCard
+
+
+def starting_checkpoint(config: NodeConfig, name: str, option: str = "--start-from") -> StartingCheckpoint:
+    """The checkpoint a command names (``option`` says which, in the error): "shipped", "active", a registered
+    version or a folder (read, not written)."""
+    from dicom_node.model_registry import UnknownModelError, find_model
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            path = find_model(session, name)
+    except UnknownModelError as exc:
+        raise ModelChoiceError(f"{option}: no model {exc} (see dicom-node model list)") from None
+    finally:
+        engine.dispose()
+    try:
+        return StartingCheckpoint(path, ModelCard.from_json((path / CARD_FILE).read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelChoiceError(f"{option}: {path} holds no readable model card ({exc})") from None
+
+
+def registered(config: NodeConfig, out: Path, version: str, no_register: bool) -> str:
+    """Record a written checkpoint in the node's database as a version an admin may activate (never active),
+    unless asked not to; the words that say so after "written to <out>"."""
+    if no_register:
+        return ""
+    from dicom_node.model_registry import register
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url, writer=True)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            register(session, out, version)
+    finally:
+        engine.dispose()
+    return f" and registered (not active: dicom-node model activate {version})"
+
+
+def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
+    from dicom_node.model_registry import list_models
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url)
+    with make_sessionmaker(engine)() as session:
+        entries = list_models(session)
+    engine.dispose()
+    for entry in entries:
+        mark = "*" if entry.active else " "
+        if entry.card is None:
+            print(f"{mark} {entry.version:24} {entry.path} (no checkpoint there)")
+            continue
+        figures = {m: entry.card.metrics.get(m, {}) for m in entry.card.modalities}
+        shown = "; ".join(f"{m}: sensitivity {v.get('lesion_sensitivity')}, FP/volume {v.get('false_positives_per_volume')}, "
+                          f"Dice {v.get('mean_dice_detected_lesions')}" for m, v in figures.items() if v)
+        kind = f", an ensemble of {len(entry.card.members) + 1} runs" if entry.card.members else ""
+        print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}{kind}) {shown}")
+        print(f"  {'':24} {entry.path}")
+    print("* = active (used by routes with model = \"active\")")
+    return 0
+
+
+def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from inference.model.litemedsam import WeightsError
+    from training.ensemble import EnsembleError, combine
+
+    out = args.out or config.storage.path / "models" / args.version
+    try:
+        folders = [starting_checkpoint(config, name, "model").path for name in args.models]
+        card = combine(folders, out, args.version, tuple(m.upper() for m in args.modality) if args.modality else None)
+    except (ModelChoiceError, EnsembleError, WeightsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ensemble {args.version} of {len(folders)} models written to {out}"
+          + registered(config, out, args.version, args.no_register))
+    print(f"{card.version}'s card has no held-out figures yet: score it on subjects none of its runs trained on "
+          "before activating it (README, Ensembles)")
+    return 0
+
+
+def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from inference.model.litemedsam import WeightsError
+    from training.repoint import KEEP, PointChange, repoint
+
+    given = {name: getattr(args, name) for name in ("mask_threshold", "min_mask_pixels", "min_lesion_slices")}
+    change = PointChange(**{name: KEEP if value is None else value for name, value in given.items()},
+                         aligned_lesion_overlap=KEEP if args.aligned_overlap is None else args.aligned_overlap.value)
+    out = args.out or config.storage.path / "models" / args.version
+    try:
+        source = starting_checkpoint(config, args.model, "model").path
+        card = repoint(source, out, args.version, change)
+    except (ModelChoiceError, WeightsError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model {args.version} ({source}'s weights at a new operating point) written to {out}"
+          + registered(config, out, args.version, args.no_register))
+    print(f"{card.version}'s card has no held-out figures yet: score it on held-out subjects before activating it "
+          "(README, Operating point)")
+    return 0
+
+
+def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from dicom_node.model_registry import UnknownModelError, activate
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url, writer=True)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            path = activate(session, args.version)
+    except UnknownModelError as exc:
+        print(f"error: no model {exc} (see dicom-node model list)", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"model {args.version} ({path}) is active; the running node uses it from its next job")
+    return 0
+
+
+
