@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.cli_types import (aligned_overlap_argument, count_argument, lesion_slices_argument,
+from dicom_node.cli_types import (Given, aligned_overlap_argument, count_argument, lesion_slices_argument,
                                   mask_threshold_argument, optional, version_argument)
 from dicom_node.config import NodeConfig
 from inference.model.card import CARD_FILE, ModelCard
@@ -43,9 +43,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     point.add_argument("version", type=version_argument, metavar="VERSION", help="the new version's name")
     point.add_argument("model", metavar="MODEL",
                        help='"shipped", "active", a version from `model list` or a checkpoint folder')
-    point.add_argument("--mask-threshold", type=mask_threshold_argument, metavar="P|MOD=P,...",
+    point.add_argument("--mask-threshold", type=optional(mask_threshold_argument), metavar="P|MOD=P,...|none",
                        help="decoder probability above which a pixel is in a mask, for all modalities or per modality, "
-                            "e.g. MR=0.4 (others: the architecture's)")
+                            "e.g. MR=0.4 (others: the architecture's); none: the architecture's for every modality")
     point.add_argument("--min-mask-pixels", type=count_argument(1), metavar="PIXELS",
                        help="the smallest first mask, in model-grid pixels, that makes a slice's answer a finding")
     point.add_argument("--min-lesion-slices", type=lesion_slices_argument, metavar="N|MOD=N,...",
@@ -146,9 +146,11 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
     from inference.model.litemedsam import WeightsError
     from training.repoint import KEEP, PointChange, repoint
 
-    given = {name: getattr(args, name) for name in ("mask_threshold", "min_mask_pixels", "min_lesion_slices")}
-    change = PointChange(**{name: KEEP if value is None else value for name, value in given.items()},
-                         aligned_lesion_overlap=KEEP if args.aligned_overlap is None else args.aligned_overlap.value)
+    def kept(value: object) -> object:  # not given: the source's setting; Given (may be "none"): its value
+        return KEEP if value is None else value.value if isinstance(value, Given) else value
+
+    change = PointChange(mask_threshold=kept(args.mask_threshold), min_mask_pixels=kept(args.min_mask_pixels),
+                         min_lesion_slices=kept(args.min_lesion_slices), aligned_lesion_overlap=kept(args.aligned_overlap))
     out = args.out or config.storage.path / "models" / args.version
     try:
         source = starting_checkpoint(config, args.model, "model").path

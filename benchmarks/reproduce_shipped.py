@@ -1,0 +1,148 @@
+"""Retrain the shipped model from this clone and set its held-out figures beside the shipped card's: issue 8's
+"`dicom-node train` reproduces the shipped checkpoint's figures within noise from a fresh clone".
+
+    python -m benchmarks.reproduce_shipped --work DIR [--dry-run]
+
+The recipe is read from the shipped card, not kept here, so it cannot drift from the model it reproduces:
+
+1. every run the card records (``training.ensemble_of``, or the card's own training record): its
+   ``dicom-node train`` command as recorded, with ``--out DIR/runs/<version>``, ``--data DIR/data`` and
+   ``--resume``;
+2. ``dicom-node model combine`` of those runs, the members answering the modalities the card gives them;
+3. ``dicom-node model point`` at the card's operating point;
+4. ``benchmarks.fresh_subjects --held-out --update-card`` on the card's held-out volumes (HELD_OUT);
+5. ``benchmarks.compare_models`` of the shipped card and the new one.
+
+Hours on 2 CPU cores (each run encodes its training slices and evaluates itself). Every step is resumable:
+run the same command again after an interruption and it goes on (a finished run is not trained again, a
+run cut off resumes from its ``state.pt`` and the encoder cache in ``DIR/data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference.model.card import CARD_FILE, ModelCard
+
+ROOT = Path(__file__).resolve().parents[1]  # where `dicom-node` finds config.toml
+SHIPPED = ROOT / "models" / "default"
+# The volumes the shipped card is scored on: the head MRIs the 160-subject runs hold out that the 80-subject run
+# did not train on, and the 80-subject run's held-out CT phantoms (README, "The model the node ships with").
+HELD_OUT = ("--seed", "0", "--mr", "160", "--ct", "80", "--held-out", "--unseen-by", "80,80")
+SCORED = "scored"  # marks the scoring step done (the card it updates exists before it)
+REPLACED = ("--out", "--data", "--version")  # options of a recorded command that the reproduction sets itself
+DROPPED = ("--resume",)
+
+
+class RecipeError(ValueError):
+    """A card that does not say how its model was made (no recorded command, members of mixed modalities)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: tuple[str, ...]  # after the program: "dicom-node" or "python" (the running interpreter)
+    program: str
+    done: Path | None = None  # a file whose presence means the step has finished
+
+
+def _records(card: ModelCard) -> list[dict]:
+    """The training records of the runs whose heads the card holds, first run first."""
+    training = card.metrics.get("training", {})
+    records = training.get("ensemble_of") or [training | {"version": card.version}]
+    if not all(r.get("command", "").startswith("dicom-node train ") for r in records):
+        raise RecipeError(f"card {card.version} has a run without a recorded `dicom-node train` command")
+    return records
+
+
+def recorded_train(command: str, out: Path, data: Path, version: str) -> tuple[str, ...]:
+    """A recorded ``dicom-node train`` command's options, with this reproduction's folders and version (and
+    ``--resume``, so that running the step again goes on where it stopped)."""
+    tokens = shlex.split(command)[2:]
+    kept, skip = [], False
+    for token in tokens:
+        option = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif option in REPLACED:
+            skip = "=" not in token
+        elif option not in DROPPED:
+            kept.append(token)
+    return ("train", *kept, "--version", version, "--out", str(out), "--data", str(data), "--resume")
+
+
+def _per_modality(value: float | int | dict | None) -> str:
+    """A card's setting as `model point` reads it: "0.3", "CT=3,MR=3", or "none" for no setting."""
+    if value is None:
+        return "none"
+    return ",".join(f"{m}={v}" for m, v in sorted(value.items())) if isinstance(value, dict) else str(value)
+
+
+def point_options(card: ModelCard) -> tuple[str, ...]:
+    """`model point`'s options that set a model to the card's operating point."""
+    options = ["--min-mask-pixels", str(card.architecture["min_mask_pixels"]),
+               "--min-lesion-slices", _per_modality(card.min_lesion_slices),
+               "--aligned-overlap", _per_modality(card.aligned_lesion_overlap),
+               "--mask-threshold", _per_modality(card.mask_threshold)]
+    return tuple(options)
+
+
+def reproduction_plan(card: ModelCard, work: Path, shipped: Path = SHIPPED) -> list[Step]:
+    """The steps that make the card's model again under ``work`` and compare it with ``shipped``."""
+    data, model = work / "data", work / "model"
+    runs = [(r["version"], work / "runs" / r["version"]) for r in _records(card)]
+    steps = [Step(f"train {version}", recorded_train(r["command"], out, data, version), "dicom-node", out / CARD_FILE)
+             for r, (version, out) in zip(_records(card), runs)]
+    if card.members:
+        modalities = {m.modalities for m in card.members}
+        if len(modalities) != 1:
+            raise RecipeError(f"card {card.version}'s members answer different modalities ({sorted(modalities)}): "
+                              "`model combine` gives every member the same")
+        combined = work / "combined"
+        steps.append(Step("combine", ("model", "combine", f"{card.version}-combined", *(str(out) for _, out in runs),
+                                      *(a for m in sorted(modalities.pop()) for a in ("--modality", m)),
+                                      "--out", str(combined), "--no-register"), "dicom-node", combined / CARD_FILE))
+        source = combined
+    else:
+        source = runs[0][1]
+    steps.append(Step("point", ("model", "point", card.version, str(source), *point_options(card), "--out", str(model),
+                                "--no-register"), "dicom-node", model / CARD_FILE))
+    steps.append(Step("score", ("-m", "benchmarks.fresh_subjects", "--model", str(model), *HELD_OUT, "--data", str(data),
+                                "--update-card"), "python", work / SCORED))
+    steps.append(Step("compare", ("-m", "benchmarks.compare_models", str(shipped), str(model)), "python"))
+    return steps
+
+
+def _command(step: Step) -> list[str]:
+    program = Path(sys.executable).with_name("dicom-node") if step.program == "dicom-node" else Path(sys.executable)
+    return [str(program), *step.argv]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for the data, the encoder cache and the models")
+    parser.add_argument("--model", type=Path, default=SHIPPED, help="the checkpoint to reproduce (default: the shipped one)")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps and stop")
+    args = parser.parse_args()
+    card = ModelCard.from_json((args.model / CARD_FILE).read_text())
+    for step in reproduction_plan(card, args.work.resolve(), args.model.resolve()):
+        finished = step.done is not None and step.done.exists()
+        print(f"[{step.name}] {'done' if finished else 'run'}: {shlex.join(_command(step))}", flush=True)
+        if finished or args.dry_run:
+            continue
+        code = subprocess.run(_command(step), cwd=ROOT).returncode
+        if code:
+            print(f"[{step.name}] failed (exit {code}); the same command goes on from here", file=sys.stderr)
+            return code
+        if step.name == "score":
+            (args.work / SCORED).touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
