@@ -131,15 +131,12 @@ def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
     out = args.out or config.storage.path / "models" / args.version
     try:
         folders = [starting_checkpoint(config, name, "model").path for name in args.models]
-        card = combine(folders, out, args.version, tuple(m.upper() for m in args.modality) if args.modality else None)
+        combine(folders, out, args.version, tuple(m.upper() for m in args.modality) if args.modality else None)
     except (ModelChoiceError, EnsembleError, WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"ensemble {args.version} of {len(folders)} models written to {out}"
-          + registered(config, out, args.version, args.no_register))
-    print(f"{card.version}'s card has no held-out figures yet: score it on subjects none of its runs trained on "
-          "before activating it (README, Ensembles)")
-    return 0
+    return _announce(config, args, f"ensemble {args.version} of {len(folders)} models", out,
+                     "subjects none of its runs trained on", "Ensembles")
 
 
 def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
@@ -154,14 +151,20 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
     out = args.out or config.storage.path / "models" / args.version
     try:
         source = starting_checkpoint(config, args.model, "model").path
-        card = repoint(source, out, args.version, change)
+        repoint(source, out, args.version, change)
     except (ModelChoiceError, WeightsError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"model {args.version} ({source}'s weights at a new operating point) written to {out}"
-          + registered(config, out, args.version, args.no_register))
-    print(f"{card.version}'s card has no held-out figures yet: score it on held-out subjects before activating it "
-          "(README, Operating point)")
+    return _announce(config, args, f"model {args.version} ({source}'s weights at a new operating point)", out,
+                     "held-out subjects", "Operating point")
+
+
+def _announce(config: NodeConfig, args: argparse.Namespace, written: str, out: Path, scoring: str, section: str) -> int:
+    """Say where a new version went (registered unless asked not to) and that it needs scoring before use: a
+    card written by `combine` or `point` has no held-out figures of its own."""
+    print(f"{written} written to {out}" + registered(config, out, args.version, args.no_register))
+    print(f"{args.version}'s card has no held-out figures yet: score it on {scoring} before activating it "
+          f"(README, {section})")
     return 0
 
 
