@@ -48,7 +48,8 @@ class Step:
     name: str
     argv: tuple[str, ...]  # after the program: "dicom-node" or "python" (the running interpreter)
     program: str
-    done: Path | None = None  # a file whose presence means the step has finished
+    done: Path | None = None  # a file whose presence means the step has finished (the runner's marker where
+    # the step writes none of its own)
 
 
 def _records(card: ModelCard) -> list[dict]:
@@ -76,7 +77,7 @@ def recorded_train(command: str, out: Path, data: Path, version: str) -> tuple[s
     return ("train", *kept, "--version", version, "--out", str(out), "--data", str(data), "--resume")
 
 
-def _per_modality(value: float | int | dict | None) -> str:
+def _point_value(value: float | int | dict | None) -> str:
     """A card's setting as `model point` reads it: "0.3", "CT=3,MR=3", or "none" for no setting."""
     if value is None:
         return "none"
@@ -85,31 +86,31 @@ def _per_modality(value: float | int | dict | None) -> str:
 
 def point_options(card: ModelCard) -> tuple[str, ...]:
     """`model point`'s options that set a model to the card's operating point."""
-    options = ["--min-mask-pixels", str(card.architecture["min_mask_pixels"]),
-               "--min-lesion-slices", _per_modality(card.min_lesion_slices),
-               "--aligned-overlap", _per_modality(card.aligned_lesion_overlap),
-               "--mask-threshold", _per_modality(card.mask_threshold)]
-    return tuple(options)
+    return ("--min-mask-pixels", str(card.architecture["min_mask_pixels"]),
+            "--min-lesion-slices", _point_value(card.min_lesion_slices),
+            "--aligned-overlap", _point_value(card.aligned_lesion_overlap),
+            "--mask-threshold", _point_value(card.mask_threshold))
 
 
 def reproduction_plan(card: ModelCard, work: Path, shipped: Path = SHIPPED) -> list[Step]:
     """The steps that make the card's model again under ``work`` and compare it with ``shipped``."""
     data, model = work / "data", work / "model"
-    runs = [(r["version"], work / "runs" / r["version"]) for r in _records(card)]
-    steps = [Step(f"train {version}", recorded_train(r["command"], out, data, version), "dicom-node", out / CARD_FILE)
-             for r, (version, out) in zip(_records(card), runs)]
+    records = _records(card)
+    runs = [work / "runs" / r["version"] for r in records]
+    steps = [Step(f"train {r['version']}", recorded_train(r["command"], out, data, r["version"]), "dicom-node",
+                  out / CARD_FILE) for r, out in zip(records, runs)]
     if card.members:
         modalities = {m.modalities for m in card.members}
         if len(modalities) != 1:
             raise RecipeError(f"card {card.version}'s members answer different modalities ({sorted(modalities)}): "
                               "`model combine` gives every member the same")
         combined = work / "combined"
-        steps.append(Step("combine", ("model", "combine", f"{card.version}-combined", *(str(out) for _, out in runs),
+        steps.append(Step("combine", ("model", "combine", f"{card.version}-combined", *map(str, runs),
                                       *(a for m in sorted(modalities.pop()) for a in ("--modality", m)),
                                       "--out", str(combined), "--no-register"), "dicom-node", combined / CARD_FILE))
         source = combined
     else:
-        source = runs[0][1]
+        source = runs[0]
     steps.append(Step("point", ("model", "point", card.version, str(source), *point_options(card), "--out", str(model),
                                 "--no-register"), "dicom-node", model / CARD_FILE))
     steps.append(Step("score", ("-m", "benchmarks.fresh_subjects", "--model", str(model), *HELD_OUT, "--data", str(data),
@@ -126,11 +127,10 @@ def _command(step: Step) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for the data, the encoder cache and the models")
-    parser.add_argument("--model", type=Path, default=SHIPPED, help="the checkpoint to reproduce (default: the shipped one)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and stop")
     args = parser.parse_args()
-    card = ModelCard.from_json((args.model / CARD_FILE).read_text())
-    for step in reproduction_plan(card, args.work.resolve(), args.model.resolve()):
+    card = ModelCard.from_json((SHIPPED / CARD_FILE).read_text())
+    for step in reproduction_plan(card, args.work.resolve()):
         finished = step.done is not None and step.done.exists()
         print(f"[{step.name}] {'done' if finished else 'run'}: {shlex.join(_command(step))}", flush=True)
         if finished or args.dry_run:
@@ -139,8 +139,8 @@ def main() -> int:
         if code:
             print(f"[{step.name}] failed (exit {code}); the same command goes on from here", file=sys.stderr)
             return code
-        if step.name == "score":
-            (args.work / SCORED).touch()
+        if step.done is not None:
+            step.done.touch()  # a no-op where the step wrote it; the scoring step writes into the point's card
     return 0
 
 
