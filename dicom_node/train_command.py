@@ -99,6 +99,7 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
 
 
 def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from training.cache import CacheWriteError
     from training.run import TrainingDataError, TrainRequest, run_training
     from training.sources import SyntheticSpec, from_folder, synthetic
     from training.trainer import TrainConfig
@@ -151,7 +152,7 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
                            command=card_command(args.command_line))
     try:
         card = run_training(items, request)
-    except TrainingDataError as exc:
+    except (TrainingDataError, CacheWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"model {version} written to {out}" + registered(config, out, version, args.no_register))

@@ -585,6 +585,27 @@ def test_training_embeddings_are_read_from_the_cache_as_a_tensor_would_index(tmp
     assert len(joined) == 4 and torch.equal(joined[[3, 0]], tensor[[0, 0]])
 
 
+def test_a_cache_write_that_fails_leaves_no_partial_embedding(tmp_path, monkeypatch):
+    """A disk that fills during a long encoding run (a 160-subject run did) stops it with a clear error and no
+    partial file, which a later run would otherwise have to tell from a whole one."""
+    from inference.model.builtin import BuiltinModel
+    from tests.conftest import tiny_card
+    from training import cache as cache_module
+
+    def short_write(tensor, path):
+        Path(path).write_bytes(b"PK\x03\x04 part of a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726")
+
+    cache = cache_module.EmbeddingCache(tmp_path / "cache", BuiltinModel.new(tiny_card()))
+    images = np.random.default_rng(4).uniform(0, 1, (2, 256, 256)).astype(np.float32)
+    monkeypatch.setattr(cache_module.torch, "save", short_write)
+    with pytest.raises(cache_module.CacheWriteError, match="is the disk full"):
+        cache.stored(images)
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    monkeypatch.undo()
+    assert all(p.is_file() for p in cache.stored(images).paths)  # the rerun writes them whole
+
+
 def test_detail_stacks_give_each_slice_with_its_neighbours_holding_each_slice_once():
     """The detail branch's input, each slice stacked with its neighbours (the edge slice repeated past the ends
     of its series), gathered from the series' slices held once (stored as stacks, 120 head MRIs took 2.8 GB and

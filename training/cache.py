@@ -50,11 +50,27 @@ class EmbeddingCache:
             with torch.inference_mode():
                 encoded = self.model.encode(images[chunk]).to(torch.bfloat16).cpu()
             for i, embedding in zip(chunk, encoded):
-                paths[i].parent.mkdir(exist_ok=True)
-                temporary = paths[i].with_suffix(".tmp")
-                torch.save(embedding.clone(), temporary)
-                temporary.replace(paths[i])
+                _save_whole(embedding, paths[i])
         return StoredEmbeddings(paths)
+
+
+class CacheWriteError(OSError):
+    """An embedding that could not be written (a full disk, most often): the run stops with the folder named,
+    and a rerun with --resume encodes from there."""
+
+
+def _save_whole(embedding: torch.Tensor, path: Path) -> None:
+    """Write through a temporary file, so that a reader never meets a partial embedding; a write that fails (a
+    disk filled by a long encoding run) leaves no partial file either."""
+    temporary = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        torch.save(embedding.clone(), temporary)
+        temporary.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch reports a short write as RuntimeError
+        temporary.unlink(missing_ok=True)
+        raise CacheWriteError(f"cannot write the encoder cache in {path.parent.parent} ({exc}); "
+                              "is the disk full? Free space and run again with --resume") from None
 
 
 class StoredEmbeddings:
