@@ -97,7 +97,6 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.set_defaults(func=train_command)
 
 
-
 def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     from training.cache import CacheWriteError
     from training.run import TrainingDataError, TrainRequest, run_training
