@@ -185,4 +185,3 @@ def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-
