@@ -183,5 +183,3 @@ def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
         engine.dispose()
     print(f"model {args.version} ({path}) is active; the running node uses it from its next job")
     return 0
-
-

@@ -269,5 +269,3 @@ def _print_metrics(metrics: dict) -> None:
             continue
         shown = ", ".join(f"{k} {values.get(k)}" for k in keys)
         print(f"  {group:4} {values.get('volumes')} volumes: {shown}")
-
-
