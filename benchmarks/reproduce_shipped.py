@@ -35,6 +35,7 @@ SHIPPED = ROOT / "models" / "default"
 # did not train on, and the 80-subject run's held-out CT phantoms (README, "The model the node ships with").
 HELD_OUT = ("--seed", "0", "--mr", "160", "--ct", "80", "--held-out", "--unseen-by", "80,80")
 SCORED = "scored"  # marks the scoring step done (the card it updates exists before it)
+TRAINED = "history.json"  # `train` writes it last: its card exists, without held-out figures, while it evaluates
 REPLACED = ("--out", "--data", "--version")  # options of a recorded command that the reproduction sets itself
 DROPPED = ("--resume",)
 
@@ -98,7 +99,7 @@ def reproduction_plan(card: ModelCard, work: Path, shipped: Path = SHIPPED) -> l
     records = _records(card)
     runs = [work / "runs" / r["version"] for r in records]
     steps = [Step(f"train {r['version']}", recorded_train(r["command"], out, data, r["version"]), "dicom-node",
-                  out / CARD_FILE) for r, out in zip(records, runs)]
+                  out / TRAINED) for r, out in zip(records, runs)]
     if card.members:
         modalities = {m.modalities for m in card.members}
         if len(modalities) != 1:
