@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +23,24 @@ from pathlib import Path
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+class OrthancError(RuntimeError):
+    """Orthanc's REST API answered an error; the message carries Orthanc's own explanation."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _accepts(port: int) -> bool:
+    """Whether something listens on the loopback port. A connection whose own (ephemeral) port is that very
+    port is TCP's self-connect, which succeeds with no listener at all: it does not count."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as probe:
+            return probe.getsockname()[1] != port
+    except OSError:
+        return False
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0, process: subprocess.Popen | None = None) -> None:
@@ -33,22 +48,18 @@ def wait_for_port(port: int, timeout_s: float = 20.0, process: subprocess.Popen 
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if _accepts(port):
+            return
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port} after {timeout_s} s")
 
 
 def wait_until_closed(port: int, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                time.sleep(0.05)
-        except OSError:
+        if not _accepts(port):
             return
+        time.sleep(0.05)
     raise TimeoutError(f"something still listens on port {port} after {timeout_s} s")
 
 
@@ -181,8 +192,11 @@ def orthanc_get(peer: RunningPeer, path: str) -> object:
 def orthanc_post(peer: RunningPeer, path: str, body: bytes | dict, timeout_s: float = 120) -> object:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{peer.http_port}{path}", data=data, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # Orthanc says why in the body: keep it in the test's failure
+        raise OrthancError(f"POST {path}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:2000]}") from None
 
 
 def orthanc_file(peer: RunningPeer, instance_id: str) -> bytes:

@@ -4,6 +4,7 @@ SEG and the SR back; a node killed during ingest or during the job still deliver
 import io
 import json
 import time
+import warnings
 
 import pytest
 from pydicom import dcmread
@@ -11,8 +12,8 @@ from sqlalchemy import select
 
 from storage.database import make_engine, make_sessionmaker
 from storage.models import Delivery, Job
-from tests.localpeers import (free_port, orthanc, orthanc_file, orthanc_find, orthanc_post, start_node, storescu,
-                              write_node_config)
+from tests.localpeers import (OrthancError, free_port, orthanc, orthanc_file, orthanc_find, orthanc_post, start_node,
+                              storescu, write_node_config)
 from tests.synthetic import write_toy_ct
 
 pytestmark = pytest.mark.slow
@@ -30,6 +31,10 @@ def site(tmp_path, trained_checkpoint):
                  {"ae_title": "STORESCU", "host": "127.0.0.1", "allow": ["store"]}]
         config = write_node_config(tmp_path / "node", node_port, peers, extra=routes)
         yield pacs, config, node_port, tmp_path
+    # pytest shows this only for a failed test: what the node and the PACS logged, to tell why
+    for log in (tmp_path / "node" / "node.log", tmp_path / "node" / "restart.log", tmp_path / "orthanc" / "orthanc.log"):
+        if log.is_file():
+            print(f"--- last lines of {log.name}:", *log.read_text(errors="replace").splitlines()[-40:], sep="\n")
 
 
 def upload_study(pacs, paths) -> str:
@@ -37,8 +42,18 @@ def upload_study(pacs, paths) -> str:
     return [orthanc_post(pacs, "/instances", p.read_bytes()) for p in paths][0]["ParentStudy"]
 
 
-def send_study_to_node(pacs, study_id) -> None:
-    orthanc_post(pacs, "/modalities/NODE/store", {"Resources": [study_id], "Synchronous": True})
+def send_study_to_node(pacs, study_id, attempts: int = 1) -> None:
+    """Orthanc sends the study to the node. With ``attempts`` > 1 it sends again after a failed send, as a
+    PACS's router does; each failure is reported as a warning with Orthanc's reason."""
+    for attempt in range(1, attempts + 1):
+        try:
+            orthanc_post(pacs, "/modalities/NODE/store", {"Resources": [study_id], "Synchronous": True})
+            return
+        except OrthancError as exc:
+            if attempt == attempts:
+                raise
+            warnings.warn(f"send {attempt} of the study to the node failed, sending again: {exc}")
+            time.sleep(2)
 
 
 def results_in(pacs, study_uid, modality) -> list:
@@ -96,7 +111,7 @@ def test_a_node_killed_during_ingest_and_during_its_job_delivers_one_seg_and_one
     assert storescu(port, source[:3], "DICOM_NODE").returncode == 0
     node.stop(kill=True)
     node.restart()
-    send_study_to_node(pacs, study_id)
+    send_study_to_node(pacs, study_id, attempts=3)
 
     # 2. Killed during the job: as soon as the interpretation is running.
     deadline = time.monotonic() + 120
