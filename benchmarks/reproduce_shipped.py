@@ -1,7 +1,7 @@
 """Retrain the shipped model from this clone and set its held-out figures beside the shipped card's: issue 8's
 "`dicom-node train` reproduces the shipped checkpoint's figures within noise from a fresh clone".
 
-    python -m benchmarks.reproduce_shipped --work DIR [--dry-run]
+    python -m benchmarks.reproduce_shipped --work DIR [--dry-run] [--step NAME ...]
 
 The recipe is read from the shipped card, not kept here, so it cannot drift from the model it reproduces:
 
@@ -125,13 +125,31 @@ def _command(step: Step) -> list[str]:
     return [str(program), *step.argv]
 
 
+def chosen(steps: list[Step], names: list[str]) -> list[Step]:
+    """The steps named (all where none is): the recipe takes longer than one sitting on 2 cores, so it can be
+    run a step at a time, in any order that keeps each step after those it reads (runs, then combine, ...)."""
+    if not names:
+        return steps
+    unknown = sorted(set(names) - {s.name for s in steps})
+    if unknown:
+        raise RecipeError(f"no step {', '.join(map(repr, unknown))}; the steps are {', '.join(repr(s.name) for s in steps)}")
+    return [s for s in steps if s.name in names]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for the data, the encoder cache and the models")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and stop")
+    parser.add_argument("--step", action="append", default=[], metavar="NAME",
+                        help='run only this step (repeatable), e.g. --step "train mr160"; --dry-run lists the names')
     args = parser.parse_args()
     card = ModelCard.from_json((SHIPPED / CARD_FILE).read_text())
-    for step in reproduction_plan(card, args.work.resolve()):
+    try:
+        steps = chosen(reproduction_plan(card, args.work.resolve()), args.step)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for step in steps:
         finished = step.done is not None and step.done.exists()
         print(f"[{step.name}] {'done' if finished else 'run'}: {shlex.join(_command(step))}", flush=True)
         if finished or args.dry_run:

@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from benchmarks.reproduce_shipped import SHIPPED, RecipeError, recorded_train, reproduction_plan
+from benchmarks.reproduce_shipped import SHIPPED, RecipeError, chosen, recorded_train, reproduction_plan
 from inference.model.card import CARD_FILE, ModelCard
 
 
@@ -85,3 +85,12 @@ def test_recorded_options_keep_their_values_and_folders_are_replaced(tmp_path):
                           tmp_path / "o", tmp_path / "d", "v2")
     assert argv == ("train", "--folder", "FOLDER1", "--steps", "10", "--version", "v2", "--out", str(tmp_path / "o"),
                     "--data", str(tmp_path / "d"), "--resume")
+
+
+def test_a_chosen_step_runs_alone_and_an_unknown_name_is_refused_with_the_names(tmp_path):
+    steps = reproduction_plan(_shipped(), tmp_path)
+    last_run = next(s for s in reversed(steps) if s.name.startswith("train "))
+    assert chosen(steps, [last_run.name, "score"]) == [last_run, next(s for s in steps if s.name == "score")]
+    assert chosen(steps, []) == steps
+    with pytest.raises(RecipeError, match=r"no step 'train mr16'; the steps are 'train 1\.4\.1'"):
+        chosen(steps, ["train mr16"])
