@@ -459,6 +459,40 @@ def test_evaluation_scores_a_perfect_and_a_blind_model_through_the_engine(tmp_pa
     assert strict["finding_accuracy"] == pytest.approx(7 / 8) and strict["answer_finding_accuracy"] == 1.0
 
 
+class DoubtfulOracle(OracleModel):
+    """The oracle, but its sampled answers disagree on slices where something bright lies near the top edge."""
+
+    def interpret(self, images, question, samples=0, temperature=0.7, seed=0):
+        from inference.model.protocol import NO_FINDINGS, Answer, Interpretation
+
+        out = super().interpret(images, question, samples, temperature, seed)
+        for n, (image, interpretation) in enumerate(zip(images, out)):
+            if (image[:12] > 0.95).any():
+                empty = Answer(NO_FINDINGS, np.zeros((0, 64, 64), bool))
+                out[n] = Interpretation(interpretation.answer, (interpretation.answer, empty))
+        return out
+
+
+def test_lesion_calibration_says_how_often_a_reported_lesion_of_each_level_is_false(tmp_path):
+    from training.evaluate import evaluate
+
+    voxels = np.full((8, 64, 64), 40.0, np.float32)
+    mask = np.zeros(voxels.shape, bool)
+    mask[3:6, 20:40, 22:40] = True
+    voxels[mask] = 400.0
+    voxels[0:2, 2:8, 50:60] = 400.0  # bright, but no lesion in the truth: the model's doubt is right
+    paths = write_series(tmp_path / "ct", voxels, SeriesHeader("S1", "CT"), 1.0, 5.0)
+    item = LabeledSeries("S1", "CT", paths, write_ground_truth(tmp_path / "seg.dcm", paths, {"Liver tumor": mask}), ("Liver tumor",))
+
+    metrics = evaluate([item], DoubtfulOracle())["CT"]
+    assert metrics["false_positives_per_volume"] == 1.0 and metrics["lesion_sensitivity"] == 1.0
+    # Two answers in two groups: ln 2 = 0.69 nats, between the card's 0.35 and 0.8: "medium".
+    assert metrics["lesion_reliability_calibration"] == {"high": {"lesions": 1, "false_positive_rate": 0.0},
+                                                         "medium": {"lesions": 1, "false_positive_rate": 1.0}}
+    assert metrics["reliability_calibration"] == {"high": {"slices": 3, "error_rate": 0.0},
+                                                  "medium": {"slices": 2, "error_rate": 1.0}}
+
+
 def test_a_tracked_lesion_in_parts_is_one_lesion_and_trains_as_one_finding(tmp_path):
     from training.dataset import series_samples
     from training.evaluate import evaluate

@@ -16,7 +16,9 @@ from the cache); an observer records every slice's answer. Against the ground-tr
   counts them), as detection challenges set a smallest lesion; a predicted lesion on one is no false positive;
   ``lesion_part_sensitivity`` counts each 26-connected part of a true lesion as a lesion of its own (the
   stricter figure where a lesion lies in parts, e.g. a tumour with a satellite);
-- reliability calibration: on slices with a predicted finding, the error rate per reliability level.
+- reliability calibration: on slices with a predicted finding, the error rate per reliability level; and on
+  what the SR reports, per reliability level of the 3D lesions, the fraction that are false positives
+  (``lesion_reliability_calibration``; a lesion's level is the worst of its slices' levels).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class SeriesRecord:
     detected_parts: int = 0
     false_positives: int = 0
     lesion_dice: list[float] = field(default_factory=list)
+    reported: list[tuple[str, bool]] = field(default_factory=list)  # per reported lesion: reliability, false positive
 
 
 def reference_answer(labels: list[str]) -> str:
@@ -79,6 +82,7 @@ class LesionScore:
     dice: list[float]  # per detected lesion
     true_parts: int = 0  # 26-connected parts of the true lesions, each counted as a lesion of its own
     detected_parts: int = 0
+    false: tuple[bool, ...] = ()  # per predicted lesion, in order: whether it is a false positive
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ def score_lesions(truth: GroundTruth, predicted: list[np.ndarray]) -> LesionScor
             for lesion, found in zip(truth.lesions, overlapping) if found]
     parts = [part for lesion in truth.lesions for part in _components(lesion)]
     found_parts = sum(any((p & part).any() for p in predicted) for part in parts)
-    return LesionScore(len(truth.lesions), len(dice), false.count(True), dice, len(parts), found_parts)
+    return LesionScore(len(truth.lesions), len(dice), false.count(True), dice, len(parts), found_parts, tuple(false))
 
 
 def slice_reference(truth: GroundTruth, k: int) -> frozenset[str]:
@@ -186,6 +190,7 @@ def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore
     record.true_lesions, record.detected, record.false_positives = score.true_lesions, score.detected, score.false_positives
     record.true_parts, record.detected_parts = score.true_parts, score.detected_parts
     record.lesion_dice = score.dice
+    record.reported = [(lesion.reliability.value, false) for lesion, false in zip(result.lesions, score.false)]
     return record
 
 
@@ -194,17 +199,25 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return [components == number for number in range(1, count + 1)]
 
 
+def per_level(rated: list[tuple[str, bool]], count: str, rate: str) -> dict[str, dict[str, float]]:
+    """Per reliability level (those that occur): how many were rated so, and the fraction wrong: the test of
+    whether a level means what it says."""
+    out: dict[str, dict[str, float]] = {}
+    for name in ("high", "medium", "low", "unknown"):
+        wrong = [w for level_name, w in rated if level_name == name]
+        if wrong:
+            out[name] = {count: len(wrong), rate: round(sum(wrong) / len(wrong), 4)}
+    return out
+
+
 def summarize(records: list[SeriesRecord]) -> dict:
     """The metrics of the module docstring, for a list of series (one modality or all)."""
     slices = [s for r in records for s in r.slices]
     true_lesions = sum(r.true_lesions for r in records)
     dices = [d for r in records for d in r.lesion_dice]
     slice_dice = [s.dice for s in slices if s.dice is not None]
-    calibration = {}
-    for name in ("high", "medium", "low", "unknown"):
-        rated = [s for s in slices if s.reliability == name and s.findings]
-        if rated:
-            calibration[name] = {"slices": len(rated), "error_rate": round(sum(s.findings != s.reference for s in rated) / len(rated), 4)}
+    calibration = per_level([(s.reliability, s.findings != s.reference) for s in slices if s.findings], "slices", "error_rate")
+    lesion_calibration = per_level([rating for r in records for rating in r.reported], "lesions", "false_positive_rate")
     return {
         "volumes": len(records),
         "slices": len(slices),
@@ -223,6 +236,7 @@ def summarize(records: list[SeriesRecord]) -> dict:
         "meteor": round(float(np.mean([meteor(s.text, s.reference_text) for s in slices])), 4) if slices else None,
         "rouge_l": round(float(np.mean([rouge_l(s.text, s.reference_text) for s in slices])), 4) if slices else None,
         "reliability_calibration": calibration,
+        "lesion_reliability_calibration": lesion_calibration,
     }
 
 
