@@ -9,8 +9,7 @@ from pathlib import Path
 from inference.model.builtin import BuiltinModel
 from inference.model.precision import EncoderPrecision
 from training.cache import EmbeddingCache
-from training.sources import (LabeledSeries, SyntheticSpec, held_out_subjects, split_by_subject, synthetic,
-                              synthetic_subject)
+from training.sources import LabeledSeries, SyntheticSpec, held_out_subjects, synthetic, synthetic_subject
 
 
 def add_subject_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
@@ -32,12 +31,19 @@ def add_subject_arguments(parser: argparse.ArgumentParser, seed: int) -> None:
 def subjects(args: argparse.Namespace, held_out: bool = False) -> tuple[list[LabeledSeries], BuiltinModel, EmbeddingCache]:
     """The subjects (written on first use), the checkpoint and its encoder cache. ``held_out``: only the
     subjects that `train` on all of them holds out, to score a card's own split again."""
-    items = synthetic(args.data / "synthetic", SyntheticSpec(args.mr, args.ct, args.seed))
-    if held_out:
-        items = split_by_subject(items)[1]  # as `train` splits by default (a quarter, training seed 0)
-    items = unseen_by(items, args.unseen_by)
+    names = subject_names(args.mr, args.ct, held_out, args.unseen_by)
+    items = synthetic(args.data / "synthetic", SyntheticSpec(args.mr, args.ct, args.seed), only=names)
     model = BuiltinModel.load(args.model, precision=args.precision)
     return items, model, EmbeddingCache(args.data / "cache", model)
+
+
+def subject_names(mr: int, ct: int, held_out: bool = False, unseen_by: list[tuple[int, int]] = ()) -> set[str]:
+    """The subjects scored, named before any is written (so a held-out split of 240 writes its 60, not 240):
+    of ``mr`` head MRIs and ``ct`` phantoms, those `train` on all of them holds out (``held_out``; a quarter,
+    training seed 0), less those that runs on the ``unseen_by`` counts trained on."""
+    per_modality = [[synthetic_subject(m, i) for i in range(count)] for m, count in (("MR", mr), ("CT", ct))]
+    names = set().union(*(held_out_subjects(n) if held_out else set(n) for n in per_modality))
+    return names - set().union(*(trained_subjects(*counts) for counts in unseen_by))
 
 
 def trained_subjects(mr_subjects: int, ct_subjects: int) -> set[str]:
@@ -48,12 +54,6 @@ def trained_subjects(mr_subjects: int, ct_subjects: int) -> set[str]:
         names = [synthetic_subject(modality, i) for i in range(count)]
         trained |= set(names) - held_out_subjects(names)
     return trained
-
-
-def unseen_by(items: list[LabeledSeries], runs: list[tuple[int, int]]) -> list[LabeledSeries]:
-    """The items that none of the runs (each its MR and CT subject counts) trained on."""
-    seen = set().union(*(trained_subjects(mr, ct) for mr, ct in runs))
-    return [item for item in items if item.subject not in seen]
 
 
 def _counts(text: str) -> tuple[int, int]:

@@ -75,6 +75,17 @@ class Given:
     value: object
 
 
+def reliability_cuts_argument(text: str) -> tuple[float, float]:
+    """"0.2,0.45" -> (0.2, 0.45): the uncertainty under which reliability is high, and over which it is low."""
+    try:
+        high, low = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HIGH,LOW uncertainty cuts such as 0.2,0.45, not {text!r}") from None
+    if not 0 <= high <= low:
+        raise argparse.ArgumentTypeError(f"the cuts must satisfy 0 <= HIGH <= LOW, not {text!r}")
+    return high, low
+
+
 def optional(parse: Callable[[str], object]) -> Callable[[str], Given]:
     """An argparse type: "none" (no such rule) or what ``parse`` reads, wrapped in Given."""
     def parse_or_none(text: str) -> Given:

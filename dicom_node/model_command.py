@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.cli_types import (Given, aligned_overlap_argument, count_argument, lesion_slices_argument,
-                                  mask_threshold_argument, optional, version_argument)
+                                  mask_threshold_argument, optional, reliability_cuts_argument, version_argument)
 from dicom_node.config import NodeConfig
 from inference.model.card import CARD_FILE, ModelCard
 
@@ -53,6 +53,12 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     point.add_argument("--aligned-overlap", type=optional(aligned_overlap_argument), metavar="F|MOD=F,...|none",
                        help="a shorter lesion of at least two slices is kept where its slice masks overlap by this "
                             "fraction of the smaller, e.g. CT=0.75; none: never kept")
+    point.add_argument("--reliability-cuts", type=reliability_cuts_argument, metavar="HIGH,LOW",
+                       help="uncertainty below which a finding's reliability is high, and above which it is low, "
+                            "e.g. 0.2,0.45 (benchmarks.reliability_study chooses them on validation subjects)")
+    point.add_argument("--stability-weight", type=float, metavar="W",
+                       help="how much the decoder's doubt (1 - the mask's stability score) adds to the sampled "
+                            "answers' semantic entropy; 0: entropy alone")
     point.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
     point.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
     point.set_defaults(func=point_command)
@@ -146,8 +152,11 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
     def kept(value: object) -> object:  # not given: the source's setting; Given (may be "none"): its value
         return KEEP if value is None else value.value if isinstance(value, Given) else value
 
+    reliability = ({} if args.reliability_cuts is None else dict(zip(("high_below", "low_above"), args.reliability_cuts))) \
+        | ({} if args.stability_weight is None else {"stability_weight": args.stability_weight})
     change = PointChange(mask_threshold=kept(args.mask_threshold), min_mask_pixels=kept(args.min_mask_pixels),
-                         min_lesion_slices=kept(args.min_lesion_slices), aligned_lesion_overlap=kept(args.aligned_overlap))
+                         min_lesion_slices=kept(args.min_lesion_slices), aligned_lesion_overlap=kept(args.aligned_overlap),
+                         reliability=reliability or KEEP)
     out = args.out or config.storage.path / "models" / args.version
     try:
         source = starting_checkpoint(config, args.model, "model").path

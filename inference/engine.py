@@ -22,7 +22,7 @@ from inference.model.detail import context_indices
 from inference.model.protocol import (GroundedModel, Interpretation, aligned_lesion_overlap, min_lesion_slices,
                                       recognition_question)
 from inference.preprocess import SlicePreparer, SliceTransform
-from inference.reliability import level, semantic_entropy
+from inference.reliability import level, uncertainty
 from inference.slicing import Volume
 
 logger = logging.getLogger(__name__)
@@ -111,12 +111,12 @@ def _slice_findings(k: int, interpretation: Interpretation, transform: SliceTran
     answer = interpretation.answer
     if not len(answer.masks):
         return []
-    entropy = semantic_entropy(interpretation.samples) if interpretation.samples else float("nan")
-    reliability = level(entropy, model.reliability)
+    doubt = uncertainty(interpretation, model.reliability)
+    reliability = level(doubt, model.reliability)
     source_masks = transform.mask_to_source(answer.masks)
     labels = answer.findings + [""] * (len(answer.masks) - len(answer.findings))
     return [
-        SliceFinding(k, label or config.target or "Finding", mask, float(score), reliability, entropy, answer.text)
+        SliceFinding(k, label or config.target or "Finding", mask, float(score), reliability, doubt, answer.text)
         for label, mask, score in zip(labels, source_masks, answer.scores)
         if mask.any()
     ]

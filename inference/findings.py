@@ -31,7 +31,7 @@ class SliceFinding:
     mask: np.ndarray
     score: float
     reliability: Reliability
-    entropy: float = float("nan")
+    uncertainty: float = float("nan")  # under the card's reliability policy (inference.reliability)
     text: str = ""
 
 

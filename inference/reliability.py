@@ -7,7 +7,11 @@ findings (same labels, same number of [SEG]s = same meaning). The uncertainty ha
 - within groups: for each group, how much its masks disagree (1 - mean pairwise IoU of the first mask),
   weighted by the group's frequency.
 
-Their sum is cut into high / medium / low with thresholds stored in the model card.
+A model whose mask decoder decides whether a slice has a finding starts every sampled answer from the
+decoder's "It is [SEG]", so with one label its samples agree by construction: its doubt is the decoder's, the
+greedy mask's stability score (how much of the mask survives a stricter threshold). The card's policy adds
+``stability_weight`` times (1 - stability) to the entropy, and cuts the sum into high / medium / low with its
+thresholds.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from itertools import combinations
 import numpy as np
 
 from inference.model.card import ReliabilityPolicy
-from inference.model.protocol import Answer
+from inference.model.protocol import Answer, Interpretation
 
 
 class Reliability(str, Enum):
@@ -41,6 +45,18 @@ def semantic_entropy(samples: list[Answer] | tuple[Answer, ...]) -> float:
     between = -sum((len(g) / total) * math.log(len(g) / total) for g in groups.values())
     within = sum((len(g) / total) * (1.0 - _mean_pairwise_iou(g)) for g in groups.values())
     return between + within
+
+
+def uncertainty(interpretation: Interpretation, policy: ReliabilityPolicy) -> float:
+    """A slice's uncertainty under the card's policy: NaN where the model could not sample (reliability
+    "unknown"). The one definition the engine and the evaluation share."""
+    if not interpretation.samples:
+        return float("nan")
+    value = semantic_entropy(interpretation.samples)
+    stability = interpretation.answer.stability
+    if policy.stability_weight and len(stability):
+        value += policy.stability_weight * (1.0 - float(stability[0]))
+    return value
 
 
 def level(entropy: float, policy: ReliabilityPolicy) -> Reliability:

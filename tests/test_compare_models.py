@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.compare_models import compare_cards, compare_weights
-from benchmarks.subjects import _counts, trained_subjects, unseen_by
+from benchmarks.subjects import _counts, subject_names, trained_subjects
 from inference.model.card import ModelCard
-from training.sources import LabeledSeries, split_by_subject, synthetic_subject
+from training.sources import LabeledSeries, SyntheticSpec, split_by_subject, synthetic, synthetic_subject
 
 
 def _card(found: int, false_positives: int) -> ModelCard:
@@ -53,13 +53,21 @@ def _subjects(mr: int, ct: int) -> list[LabeledSeries]:
 def test_models_trained_on_other_counts_are_compared_on_subjects_neither_trained_on():
     trained_on_80 = {item.subject for item in split_by_subject(_subjects(80, 80))[0]}
     assert trained_subjects(80, 80) == trained_on_80  # what `train` on 80 + 80 subjects trains on
-    held_out_of_160 = split_by_subject(_subjects(160, 0))[1]
-    kept = unseen_by(held_out_of_160, [(80, 80)])
-    assert {item.subject for item in kept} == {item.subject for item in held_out_of_160} - trained_on_80
+    held_out_of_160 = {item.subject for item in split_by_subject(_subjects(160, 0))[1]}
+    kept = subject_names(160, 0, held_out=True, unseen_by=[(80, 80)])
+    assert kept == held_out_of_160 - trained_on_80
     assert 0 < len(kept) < len(held_out_of_160)  # the two splits hold out different subjects
-    assert unseen_by(held_out_of_160, [(160, 0)]) == held_out_of_160  # the larger run's own held-out split
-    assert unseen_by(held_out_of_160, [(160, 0), (80, 80)]) == kept
+    assert subject_names(160, 0, True, [(160, 0)]) == held_out_of_160  # the larger run's own held-out split
+    assert subject_names(160, 0, True, [(160, 0), (80, 80)]) == kept
+    assert subject_names(3, 2) == {item.subject for item in _subjects(3, 2)}  # not held out: all of them
     assert _counts("160,0") == (160, 0)
     for wrong in ("80", "80,x", "-1,80"):
         with pytest.raises(argparse.ArgumentTypeError):
             _counts(wrong)
+
+
+def test_only_the_subjects_scored_are_written(tmp_path):
+    """A held-out split of 240 subjects writes its 60, not 240: one CT phantom here, of three asked for."""
+    items = synthetic(tmp_path, SyntheticSpec(0, 3, 7), only={"SYN-CT-0002", "SYN-MR-0000"})
+    assert [item.subject for item in items] == ["SYN-CT-0002"]  # an MR subject outside the spec is not made
+    assert sorted(path.name for path in (tmp_path / "seed-7").iterdir()) == ["SYN-CT-0002"]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference.model.builtin import BuiltinModel
+from inference.model.builtin import BuiltinModel, average_logits
 from inference.model.card import ModelCard
+from inference.model.grounded import GroundedSegmenter
 from inference.model.litemedsam import WeightsError
 from inference.model.protocol import question_modality, recognition_question
 from training.ensemble import EnsembleError, combine
@@ -59,6 +60,9 @@ def test_an_ensemble_averages_the_mask_probabilities_of_its_members(trained, run
         assert (answer.text != "No findings.") == finding
         if finding:
             assert (answer.masks[0] == expected[k]).all()
+            # ... and its stability score, on which reliability rests, is the average's too
+            averaged = GroundedSegmenter.mask_stability(average_logits(a[k:k + 1], b[k:k + 1]), 0.0)
+            assert answer.stability[0] == pytest.approx(float(averaged[0]), abs=1e-5)
 
 
 def test_an_ensemble_checkpoint_survives_saving_and_refuses_tampered_members(runs, tmp_path):

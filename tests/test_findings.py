@@ -6,15 +6,56 @@ import numpy as np
 import pytest
 
 from inference.findings import SliceFinding, aggregate, aligned, largest_diameter_mm
+import torch
+
 from inference.model.card import ReliabilityPolicy
-from inference.model.protocol import Answer
-from inference.reliability import Reliability, level, semantic_entropy
+from inference.model.grounded import GroundedSegmenter
+from inference.model.protocol import Answer, Interpretation
+from inference.reliability import Reliability, level, semantic_entropy, uncertainty
 from inference.slicing import SliceRef, Volume
 
 
 def answer(text: str, mask: np.ndarray | None = None) -> Answer:
     masks = np.zeros((0, 8, 8), bool) if mask is None else mask[None]
     return Answer(text, masks, np.ones(len(masks), np.float32))
+
+
+def test_stability_is_how_much_of_a_mask_survives_a_stricter_threshold():
+    """A decoder sure of every pixel gives 1; a mask whose pixels sit near the threshold (a faint edge slice, a
+    hesitant finding) gives little; an empty mask 0."""
+    sure = torch.full((1, 8, 8), -12.0)
+    sure[0, 2:6, 2:6] = 12.0
+    ramp = torch.linspace(-3.0, 3.0, 64).reshape(1, 8, 8)  # pixel logits spread evenly around the threshold
+    stability = GroundedSegmenter.mask_stability(torch.cat([sure, ramp, torch.full((1, 8, 8), -12.0)]), 0.0)
+    assert stability[0] == pytest.approx(1.0)
+    loose, strict = int((ramp > -1).sum()), int((ramp > 1).sum())
+    assert stability[1] == pytest.approx(strict / loose) and stability[1] < 0.6
+    assert stability[2] == 0.0
+    # The threshold is the card's: the same ramp, thresholded higher, keeps less of its mask.
+    assert GroundedSegmenter.mask_stability(ramp, 1.0)[0] < stability[1]
+
+
+def test_uncertainty_adds_the_decoders_doubt_to_the_samples_entropy_as_the_card_weighs_it():
+    """Samples that agree (a decoder-decided model with one label always does) leave the decoder's doubt as the
+    only sign of a hesitant finding; cards without a weight keep semantic entropy alone."""
+    mask = square(0, 0)
+    greedy = Answer("It is [SEG]. Brain tumor.", mask[None], np.ones(1, np.float32), np.array([0.4], np.float32))
+    agreeing = Interpretation(greedy, (answer("It is [SEG]. Brain tumor.", mask),) * 5)
+    assert uncertainty(agreeing, ReliabilityPolicy()) == pytest.approx(0.0)
+    weighed = ReliabilityPolicy(high_below=0.2, low_above=0.5, stability_weight=0.5)
+    assert uncertainty(agreeing, weighed) == pytest.approx(0.3)  # 0.5 * (1 - 0.4)
+    assert level(uncertainty(agreeing, weighed), weighed) is Reliability.MEDIUM
+    split = Interpretation(greedy, (answer("It is [SEG]. Brain tumor.", mask),) * 2 + (answer("No findings."),) * 2)
+    assert uncertainty(split, weighed) == pytest.approx(math.log(2) + 0.3)
+    assert level(uncertainty(split, weighed), weighed) is Reliability.LOW
+    assert math.isnan(uncertainty(Interpretation(greedy), weighed))  # no samples: "unknown", as before
+
+
+@pytest.mark.parametrize("settings", [{"high_below": 0.9, "low_above": 0.5}, {"stability_weight": -1.0},
+                                      {"samples": -1}, {"temperature": 0.0}])
+def test_a_card_with_an_impossible_reliability_policy_is_refused(settings):
+    with pytest.raises(ValueError):
+        ReliabilityPolicy(**settings)
 
 
 def square(r0, c0, size=4):

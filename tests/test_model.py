@@ -119,6 +119,11 @@ def test_the_presence_head_tells_a_slice_with_a_finding_from_a_clear_one(trained
     results = BuiltinModel.load(tmp_path / "ckpt").interpret(images, QUESTION)
     assert [r.answer.text for r in results] == ["It is [SEG]. Lung nodule. It is [SEG]. Kidney tumor.", "No findings."]
     assert np.allclose(results[0].answer.scores, presence[0].item(), atol=0.02)  # the score reported is the presence
+    # each mask has its stability score, that of its own decoder logits: what reliability rests on
+    with torch.no_grad():
+        logits, _ = network.decode_masks(embeddings[[0, 0]], network.generate(embeddings[:1], QUESTION, 0.0, None)[0].seg_hidden)
+    assert np.allclose(results[0].answer.stability, network.mask_stability(logits, network.config.mask_logit).numpy(), atol=1e-4)
+    assert len(results[1].answer.stability) == 0
     # Above the finding's own presence, its slice has none, whatever its mask.
     card["architecture"]["presence_threshold"] = (float(results[0].answer.scores[0]) + 1) / 2
     card_path.write_text(json.dumps(card))

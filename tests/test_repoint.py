@@ -50,6 +50,14 @@ def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, s
     assert card.aligned_lesion_overlap is None and card.architecture["min_mask_pixels"] == 40
     assert card.mask_threshold == {"CT": 0.0001} and card.metrics["training"]["operating_point_of"] == "p-1"
 
+    # The reliability policy's cuts and the decoder's weight in it: the rest of the policy kept
+    rated = tmp_path / "rated"
+    assert main(["model", "point", "p-5", "p-1", "--reliability-cuts", "0.2,0.45", "--stability-weight", "0.5",
+                 "--out", str(rated), "--no-register", "--config", str(config)]) == 0
+    policy = ModelCard.from_json((rated / "model_card.json").read_text()).reliability
+    assert (policy.high_below, policy.low_above, policy.stability_weight) == (0.2, 0.45, 0.5)
+    assert (policy.samples, policy.temperature) == (5, 0.7)
+
 
 def test_a_point_that_cannot_be_written_is_refused(source, tmp_path, capsys):
     from dicom_node.cli import main
@@ -71,6 +79,11 @@ def test_a_point_that_cannot_be_written_is_refused(source, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*command, "--mask-threshold", "MR=1.5"])
     assert "between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*command, "--reliability-cuts", "0.5,0.2"])
+    assert "HIGH <= LOW" in capsys.readouterr().err
+    assert main([*command, "--stability-weight", "-1", "--out", str(tmp_path / "e")]) == 2
+    assert "stability_weight cannot be negative" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
     tampered = tmp_path / "tampered"
     tampered.mkdir()

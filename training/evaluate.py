@@ -36,7 +36,7 @@ from inference.findings import Lesion, mask_volume_ml
 from inference.ground_truth import read_segmentation
 from inference.model.protocol import NO_FINDINGS, Interpretation, normalize_finding
 from inference.preprocess import SliceTransform
-from inference.reliability import level, semantic_entropy
+from inference.reliability import level, semantic_entropy, uncertainty
 from inference.slicing import Volume, load_series
 from training.dataset import finding_label
 from training.sources import LabeledSeries
@@ -54,6 +54,21 @@ class SliceRecord:
     reference_text: str
     dice: float | None  # only where the truth has a finding
     reliability: str = ""
+    entropy: float | None = None  # the semantic entropy behind ``reliability`` (slices with a finding, sampled)
+    stability: float | None = None  # the first mask's stability score (slices with a finding)
+
+
+@dataclass(frozen=True)
+class ReportedLesion:
+    """A 3D lesion the node reported, with what its reliability could rest on and whether it was false."""
+
+    reliability: str
+    false_positive: bool
+    slices: int
+    volume_ml: float
+    mean_score: float  # the decoder's predicted IoU over its slices
+    stability: float  # the lowest stability score of the masks it was joined from
+    slice_range: tuple[int, int] = (0, 0)  # first and last slice (volume order)
 
 
 @dataclass
@@ -67,7 +82,7 @@ class SeriesRecord:
     detected_parts: int = 0
     false_positives: int = 0
     lesion_dice: list[float] = field(default_factory=list)
-    reported: list[tuple[str, bool]] = field(default_factory=list)  # per reported lesion: reliability, false positive
+    reported: list[ReportedLesion] = field(default_factory=list)
 
 
 def reference_answer(labels: list[str]) -> str:
@@ -180,18 +195,29 @@ def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore
             masks = transform.mask_to_source(answer.masks) if len(answer.masks) else np.zeros((0, *truth_mask.shape), bool)
             predicted_mask = masks.any(axis=0) if len(masks) else np.zeros(truth_mask.shape, bool)
             text, findings = answer.text, frozenset(normalize_finding(f) for f in answer.findings)
-            reliability = level(semantic_entropy(interpretation.samples), policy).value if interpretation.samples else ""
+            entropy = semantic_entropy(interpretation.samples) if interpretation.samples else None
+            reliability = "" if entropy is None else level(uncertainty(interpretation, policy), policy).value
+            stability = float(answer.stability[0]) if len(answer.stability) else None
         else:
             predicted_mask, text, findings, reliability = np.zeros(truth_mask.shape, bool), NO_FINDINGS, frozenset(), ""
+            entropy = stability = None
         dice = dice_score(predicted_mask, truth_mask) if truth_mask.any() else None
         record.slices.append(SliceRecord(findings, reference, slice_output(result.lesions, k), text,
-                                         reference_answer(labels), dice, reliability))
+                                         reference_answer(labels), dice, reliability, entropy, stability))
     score = score_lesions(truth, [lesion.mask for lesion in result.lesions])
     record.true_lesions, record.detected, record.false_positives = score.true_lesions, score.detected, score.false_positives
     record.true_parts, record.detected_parts = score.true_parts, score.detected_parts
     record.lesion_dice = score.dice
-    record.reported = [(lesion.reliability.value, false) for lesion, false in zip(result.lesions, score.false)]
+    record.reported = [reported_lesion(lesion, false, [record.slices[k].stability for k in range(lesion.slice_range[0], lesion.slice_range[1] + 1)])
+                       for lesion, false in zip(result.lesions, score.false)]
     return record
+
+
+def reported_lesion(lesion: Lesion, false_positive: bool, stabilities: list[float | None]) -> ReportedLesion:
+    """``stabilities``: of the slices the lesion spans (None where the slice had no mask)."""
+    known = [s for s in stabilities if s is not None]
+    return ReportedLesion(lesion.reliability.value, false_positive, lesion.slice_count, lesion.volume_ml,
+                          lesion.mean_score, min(known) if known else float("nan"), lesion.slice_range)
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -217,7 +243,8 @@ def summarize(records: list[SeriesRecord]) -> dict:
     dices = [d for r in records for d in r.lesion_dice]
     slice_dice = [s.dice for s in slices if s.dice is not None]
     calibration = per_level([(s.reliability, s.findings != s.reference) for s in slices if s.findings], "slices", "error_rate")
-    lesion_calibration = per_level([rating for r in records for rating in r.reported], "lesions", "false_positive_rate")
+    lesion_calibration = per_level([(l.reliability, l.false_positive) for r in records for l in r.reported], "lesions",
+                                   "false_positive_rate")
     return {
         "volumes": len(records),
         "slices": len(slices),

@@ -1,5 +1,6 @@
 """A trained model at another operating point, as a new version: the point (mask threshold, smallest mask,
-slice rule) turns the decoder's masks into reported lesions and does not touch training, so a point chosen on
+slice rule; the reliability policy's cuts) turns the decoder's masks into reported lesions and their levels and
+does not touch training, so a point chosen on
 validation subjects (``benchmarks.operating_point``) needs the same weights and a new card, not a new run."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class PointChange:
     min_mask_pixels: object = KEEP  # int (GroundedConfig.min_mask_pixels)
     min_lesion_slices: object = KEEP  # int | dict[str, int] (ModelCard.min_lesion_slices)
     aligned_lesion_overlap: object = KEEP  # float | dict[str, float] | None (ModelCard.aligned_lesion_overlap)
+    reliability: object = KEEP  # dict: the ReliabilityPolicy fields to change (cuts, stability_weight)
 
     def changed(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not KEEP}
@@ -54,6 +56,8 @@ def repoint(folder: Path, out: Path, version: str, change: PointChange) -> Model
     if "min_mask_pixels" in changes:
         architecture["min_mask_pixels"] = changes.pop("min_mask_pixels")
     GroundedConfig(**architecture)  # refuses an impossible min_mask_pixels
+    if "reliability" in changes:  # ReliabilityPolicy refuses impossible cuts
+        changes["reliability"] = dataclasses.replace(source.reliability, **changes["reliability"])
     training = {**source.metrics.get("training", {}), "operating_point_of": source.version}
     card = dataclasses.replace(source, version=version, architecture=architecture, metrics={"training": training},
                                **changes)  # ModelCard refuses impossible values

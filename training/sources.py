@@ -143,29 +143,35 @@ def synthetic_subject(modality: str, number: int) -> str:
     return f"SYN-{modality}-{number:04d}"
 
 
-def synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec()) -> list[LabeledSeries]:
+def synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec(), only: set[str] | None = None) -> list[LabeledSeries]:
     """Write the synthetic studies as DICOM + SEG into ``folder/seed-N`` and list them. A subject is a pure
-    function of (seed, kind, number), so subjects already written are kept: asking for more adds only the new."""
+    function of (seed, kind, number), so subjects already written are kept: asking for more adds only the new.
+    ``only``: of the spec's subjects, just these (a held-out split scored without writing the rest)."""
     folder = folder / f"seed-{spec.seed}"
     heads: dict = {}
     for i in range(spec.mr_subjects):
         target = folder / synthetic_subject("MR", i)
-        if not (target / "seg.dcm").is_file():
+        if (only is None or target.name in only) and not (target / "seg.dcm").is_file():
             heads = heads or {name: load() for name, load in HEADS.items()}
             rng = np.random.default_rng([spec.seed, 1, i])
             study = brain_tumor_study(heads[list(heads)[i % len(heads)]], rng, positive=i % 4 != 3)
             _write_study(target, study, default_label="Brain tumor")
     for i in range(spec.ct_subjects):
         target = folder / synthetic_subject("CT", i)
-        if not (target / "seg.dcm").is_file():
+        if (only is None or target.name in only) and not (target / "seg.dcm").is_file():
             rng = np.random.default_rng([spec.seed, 2, i])
             region = "abdomen" if i % 2 == 0 else "chest"
             lesions = 0 if i % 4 == 3 else int(rng.integers(1, 3))
             study = ct_study(rng, region, lesions)
             _write_study(target, study, default_label="Liver tumor" if region == "abdomen" else "Lung nodule")
-    wanted = ({synthetic_subject("MR", i) for i in range(spec.mr_subjects)}
-              | {synthetic_subject("CT", i) for i in range(spec.ct_subjects)})
+    wanted = synthetic_subjects(spec) if only is None else synthetic_subjects(spec) & only
     return [item for item in from_folder(folder) if item.subject in wanted]
+
+
+def synthetic_subjects(spec: SyntheticSpec) -> set[str]:
+    """The names of the spec's subjects (what :func:`synthetic` writes)."""
+    return ({synthetic_subject("MR", i) for i in range(spec.mr_subjects)}
+            | {synthetic_subject("CT", i) for i in range(spec.ct_subjects)})
 
 
 def _write_study(target: Path, study: SyntheticStudy, default_label: str) -> None:

@@ -305,6 +305,7 @@ class BuiltinModel:
                 if len(views) > 1:  # the first mask is the averaged one that made the slice a finding
                     answer.masks[0] = (logits[i] > mask_logit).cpu().numpy()
                     answer.scores[0] = float(self.network.mask_scores(iou[i:i + 1])[0])
+                    answer.stability[0] = float(self.network.mask_stability(logits[i:i + 1], mask_logit)[0])
         return answers
 
     def mask_logit(self, question: str) -> float:
@@ -327,18 +328,21 @@ class BuiltinModel:
         start_time = time.perf_counter()
         owners = [i for i, g in enumerate(generations) for _ in range(len(g.seg_hidden))]
         masks = np.zeros((0, self.input_size, self.input_size), dtype=bool)
-        scores = np.zeros(0, dtype=np.float32)
+        scores = stability = np.zeros(0, dtype=np.float32)
         if owners:
             if all(g.mask_logits is not None for g in generations):  # decoded during generation
                 logits, iou = torch.cat([g.mask_logits for g in generations]), torch.cat([g.iou for g in generations])
             else:
                 hidden = torch.cat([g.seg_hidden for g in generations if len(g.seg_hidden)]).to(self.device)
                 logits, iou = self.network.decode_masks(embeddings[owners], hidden, None if detail is None else detail[owners])
-            masks, scores = (logits > self.mask_logit(question)).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
+            mask_logit = self.mask_logit(question)
+            masks, scores = (logits > mask_logit).cpu().numpy(), self.network.mask_scores(iou).cpu().numpy()
+            stability = self.network.mask_stability(logits, mask_logit).cpu().numpy()
         self.timings["mask_decoder"] += time.perf_counter() - start_time
         answers, start = [], 0
         for g in generations:
             count = len(g.seg_hidden)
-            answers.append(Answer(self.network.answer_text(g.token_ids), masks[start:start + count], scores[start:start + count]))
+            answers.append(Answer(self.network.answer_text(g.token_ids), masks[start:start + count],
+                                  scores[start:start + count], stability[start:start + count]))
             start += count
         return answers

@@ -28,12 +28,24 @@ _MEMBER_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.safetensors")  # a 
 
 @dataclass(frozen=True)
 class ReliabilityPolicy:
-    """XMedGPT-style: M answers sampled at a temperature; semantic entropy cut into three levels."""
+    """XMedGPT-style: M answers sampled at a temperature; their semantic entropy, plus ``stability_weight``
+    times the doubt of the decoder (1 - the greedy mask's stability score), cut into three levels. The second
+    term is what a model whose mask decoder decides needs: its sampled answers all start from the decoder's
+    "It is [SEG]", so with one label they always agree."""
 
     samples: int = 5
     temperature: float = 0.7
-    high_below: float = 0.35  # entropy (nats) under which reliability is "high"
-    low_above: float = 0.8  # entropy above which it is "low"; "medium" between
+    high_below: float = 0.35  # uncertainty (nats) under which reliability is "high"
+    low_above: float = 0.8  # uncertainty above which it is "low"; "medium" between
+    stability_weight: float = 0.0  # 0: semantic entropy alone (cards before 1.5.3)
+
+    def __post_init__(self) -> None:
+        if self.samples < 0 or self.temperature <= 0:
+            raise ValueError(f"reliability needs samples >= 0 and a positive temperature, not {self.samples}, {self.temperature}")
+        if not 0 <= self.high_below <= self.low_above:
+            raise ValueError(f"reliability cuts must satisfy 0 <= high_below <= low_above, not {self.high_below}, {self.low_above}")
+        if self.stability_weight < 0:
+            raise ValueError(f"stability_weight cannot be negative, not {self.stability_weight}")
 
 
 @dataclass(frozen=True)

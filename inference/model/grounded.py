@@ -293,6 +293,18 @@ class GroundedSegmenter(nn.Module):
         limit = self.config.mask_logit if mask_logit is None else mask_logit
         return (logits.float() > limit).sum(dim=(1, 2))
 
+    @staticmethod
+    def mask_stability(logits: torch.Tensor, mask_logit: float, offset: float = 1.0) -> torch.Tensor:
+        """SAM's stability score of each of (n, h, w) mask logits: (n,), the IoU of the mask one ``offset``
+        logit stricter with the one as much looser (the stricter lies inside, so it is their pixel ratio).
+        Near 1 where the decoder is sure of every pixel; low where the outline, or the whole finding, rests
+        on probabilities near the threshold: the decoder's own doubt, which sampled answers cannot show where
+        the decoder decides. 0 for an empty mask."""
+        values = logits.float()
+        strict = (values > mask_logit + offset).sum(dim=(1, 2)).float()
+        loose = (values > mask_logit - offset).sum(dim=(1, 2)).float()
+        return torch.where(loose > 0, strict / loose.clamp(min=1), torch.zeros_like(loose))
+
     def decode_masks(self, embeddings: torch.Tensor, seg_hidden: torch.Tensor,
                      detail: DetailFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 256, 64, 64) image embeddings and (n, hidden) [SEG] states -> mask logits (n, 256, 256) and

@@ -44,11 +44,12 @@ def question_modality(question: str) -> str | None:
 @dataclass(frozen=True)
 class Answer:
     """One slice's answer: ``masks`` (n_seg, size, size) bool on the model grid, ``scores`` the decoder's
-    predicted IoU per mask."""
+    predicted IoU per mask, ``stability`` SAM's stability score per mask (empty where the model gives none)."""
 
     text: str
     masks: np.ndarray
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    stability: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     @property
     def findings(self) -> list[str]:
