@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks.subjects import add_subject_arguments, subjects
 from dicom_node.cli_types import reliability_cuts_argument
 from inference.model.card import ReliabilityPolicy
-from inference.reliability import level
+from inference.reliability import level, with_decoder_doubt
 from training.cache import CachedEncoderModel
 from training.evaluate import SeriesRecord, evaluate_series
 
@@ -68,8 +68,7 @@ def signal_table(rows: list[dict], wrong_key: str, signals: dict[str, str]) -> d
 
 def slice_uncertainty(row: dict, weight: float) -> float:
     """A slice row's uncertainty under a policy with ``weight`` (inference.reliability.uncertainty)."""
-    stability = 1.0 if row["stability"] is None else row["stability"]
-    return (row["entropy"] or 0.0) + weight * (1.0 - stability)
+    return with_decoder_doubt(row["entropy"] or 0.0, row["stability"], weight)
 
 
 def choose_cuts(uncertainties: list[float], wrong: list[bool], high_error: float = 0.1,
@@ -111,9 +110,9 @@ def levels(values: list[float], wrong: list[bool], cuts: tuple[float, float]) ->
 
 
 def report(slices: list[dict], lesions: list[dict], weights: list[float], cuts: tuple[float, float] | None) -> None:
-    for modality in sorted({r["modality"] for r in slices} | {r["modality"] for r in lesions}):
-        of_slices = [r for r in slices if r["modality"] == modality]
-        of_lesions = [r for r in lesions if r["modality"] == modality]
+    by_modality = {m: ([r for r in slices if r["modality"] == m], [r for r in lesions if r["modality"] == m])
+                   for m in sorted({r["modality"] for r in slices} | {r["modality"] for r in lesions})}
+    for modality, (of_slices, of_lesions) in by_modality.items():
         print(modality, "slices with a finding:", len(of_slices), "wrong:", sum(r["wrong"] for r in of_slices),
               "AUROC", json.dumps(signal_table(of_slices, "wrong", {"entropy": "entropy", "-stability": "stability"})))
         print(modality, "reported lesions:", len(of_lesions), "false:", sum(r["false_positive"] for r in of_lesions),
@@ -122,9 +121,7 @@ def report(slices: list[dict], lesions: list[dict], weights: list[float], cuts: 
     for weight in weights:  # one policy for the card: cuts chosen on every modality's slices together
         chosen = cuts or choose_cuts([slice_uncertainty(r, weight) for r in slices], [r["wrong"] for r in slices])
         print(f"stability weight {weight}: cuts {chosen}{' (given)' if cuts else ' (chosen here)'}")
-        for modality in sorted({r["modality"] for r in slices}):
-            of_slices = [r for r in slices if r["modality"] == modality]
-            of_lesions = [r for r in lesions if r["modality"] == modality]
+        for modality, (of_slices, of_lesions) in by_modality.items():
             print(f"  {modality} slices", json.dumps(levels([slice_uncertainty(r, weight) for r in of_slices],
                                                            [r["wrong"] for r in of_slices], chosen)),
                   *(f"lesions ({how})" + json.dumps(levels([lesion_uncertainty(r, slices, weight, how) for r in of_lesions],

@@ -52,11 +52,15 @@ def uncertainty(interpretation: Interpretation, policy: ReliabilityPolicy) -> fl
     "unknown"). The one definition the engine and the evaluation share."""
     if not interpretation.samples:
         return float("nan")
-    value = semantic_entropy(interpretation.samples)
     stability = interpretation.answer.stability
-    if policy.stability_weight and len(stability):
-        value += policy.stability_weight * (1.0 - float(stability[0]))
-    return value
+    return with_decoder_doubt(semantic_entropy(interpretation.samples),
+                              float(stability[0]) if len(stability) else None, policy.stability_weight)
+
+
+def with_decoder_doubt(entropy: float, stability: float | None, weight: float) -> float:
+    """``entropy`` plus ``weight`` times the decoder's doubt (1 - the greedy mask's stability score; none where
+    the model gives no score): the policy's formula, for a caller that has the entropy already."""
+    return entropy if not weight or stability is None else entropy + weight * (1.0 - stability)
 
 
 def level(entropy: float, policy: ReliabilityPolicy) -> Reliability:

@@ -4,10 +4,9 @@ import math
 
 import numpy as np
 import pytest
-
-from inference.findings import SliceFinding, aggregate, aligned, largest_diameter_mm
 import torch
 
+from inference.findings import SliceFinding, aggregate, aligned, largest_diameter_mm
 from inference.model.card import ReliabilityPolicy
 from inference.model.grounded import GroundedSegmenter
 from inference.model.protocol import Answer, Interpretation

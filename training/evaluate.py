@@ -36,7 +36,7 @@ from inference.findings import Lesion, mask_volume_ml
 from inference.ground_truth import read_segmentation
 from inference.model.protocol import NO_FINDINGS, Interpretation, normalize_finding
 from inference.preprocess import SliceTransform
-from inference.reliability import level, semantic_entropy, uncertainty
+from inference.reliability import level, semantic_entropy, with_decoder_doubt
 from inference.slicing import Volume, load_series
 from training.dataset import finding_label
 from training.sources import LabeledSeries
@@ -196,8 +196,9 @@ def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore
             predicted_mask = masks.any(axis=0) if len(masks) else np.zeros(truth_mask.shape, bool)
             text, findings = answer.text, frozenset(normalize_finding(f) for f in answer.findings)
             entropy = semantic_entropy(interpretation.samples) if interpretation.samples else None
-            reliability = "" if entropy is None else level(uncertainty(interpretation, policy), policy).value
             stability = float(answer.stability[0]) if len(answer.stability) else None
+            reliability = "" if entropy is None else level(with_decoder_doubt(entropy, stability, policy.stability_weight),
+                                                           policy).value
         else:
             predicted_mask, text, findings, reliability = np.zeros(truth_mask.shape, bool), NO_FINDINGS, frozenset(), ""
             entropy = stability = None

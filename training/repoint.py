@@ -1,7 +1,7 @@
 """A trained model at another operating point, as a new version: the point (mask threshold, smallest mask,
 slice rule; the reliability policy's cuts) turns the decoder's masks into reported lesions and their levels and
-does not touch training, so a point chosen on
-validation subjects (``benchmarks.operating_point``) needs the same weights and a new card, not a new run."""
+does not touch training, so a point chosen on validation subjects (``benchmarks.operating_point``) needs the
+same weights and a new card, not a new run."""
 
 from __future__ import annotations
 

@@ -164,7 +164,9 @@ def synthetic(folder: Path, spec: SyntheticSpec = SyntheticSpec(), only: set[str
             lesions = 0 if i % 4 == 3 else int(rng.integers(1, 3))
             study = ct_study(rng, region, lesions)
             _write_study(target, study, default_label="Liver tumor" if region == "abdomen" else "Lung nodule")
-    wanted = synthetic_subjects(spec) if only is None else synthetic_subjects(spec) & only
+    wanted = synthetic_subjects(spec)
+    if only is not None:
+        wanted &= only
     return [item for item in from_folder(folder) if item.subject in wanted]
 
 
