@@ -27,8 +27,8 @@ import numpy as np
 
 from benchmarks.subjects import add_subject_arguments, subjects
 from dicom_node.cli_types import reliability_cuts_argument
-from inference.model.card import ReliabilityPolicy
-from inference.reliability import level, with_decoder_doubt
+from inference.model.card import LESION_RULES, ReliabilityPolicy
+from inference.reliability import lesion_uncertainty, level, with_decoder_doubt
 from training.cache import CachedEncoderModel
 from training.evaluate import SeriesRecord, evaluate_series
 
@@ -88,15 +88,11 @@ def choose_cuts(uncertainties: list[float], wrong: list[bool], high_error: float
     return round(high, 4), round(max(float(low), high), 4)
 
 
-def lesion_uncertainty(lesion: dict, slices: list[dict], weight: float, how: str = "worst") -> float:
-    """A reported lesion's uncertainty from its slices': the most doubtful one's, as the engine rates it
-    ("worst"), or their median (NaN without one)."""
+def lesion_row_uncertainty(lesion: dict, slices: list[dict], weight: float, rule: str = "worst") -> float:
+    """A reported lesion's uncertainty from its slices' under a lesion rule (inference.reliability.lesion_uncertainty)."""
     first, last = lesion["slice_range"]
-    values = [slice_uncertainty(r, weight) for r in slices
-              if r["series"] == lesion["series"] and first <= r["slice"] <= last]
-    if not values:
-        return float("nan")
-    return max(values) if how == "worst" else float(np.median(values))
+    return lesion_uncertainty([slice_uncertainty(r, weight) for r in slices
+                               if r["series"] == lesion["series"] and first <= r["slice"] <= last], rule)
 
 
 def levels(values: list[float], wrong: list[bool], cuts: tuple[float, float]) -> dict[str, list[float]]:
@@ -124,9 +120,9 @@ def report(slices: list[dict], lesions: list[dict], weights: list[float], cuts: 
         for modality, (of_slices, of_lesions) in by_modality.items():
             print(f"  {modality} slices", json.dumps(levels([slice_uncertainty(r, weight) for r in of_slices],
                                                            [r["wrong"] for r in of_slices], chosen)),
-                  *(f"lesions ({how})" + json.dumps(levels([lesion_uncertainty(r, slices, weight, how) for r in of_lesions],
-                                                          [r["false_positive"] for r in of_lesions], chosen))
-                    for how in ("worst", "median")))
+                  *(f"lesions ({rule})" + json.dumps(levels([lesion_row_uncertainty(r, slices, weight, rule) for r in of_lesions],
+                                                           [r["false_positive"] for r in of_lesions], chosen))
+                    for rule in LESION_RULES))
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ The recipe is read from the shipped card, not kept here, so it cannot drift from
    ``dicom-node train`` command as recorded, with ``--out DIR/runs/<version>``, ``--data DIR/data`` and
    ``--resume``;
 2. ``dicom-node model combine`` of those runs, the members answering the modalities the card gives them;
-3. ``dicom-node model point`` at the card's operating point;
+3. ``dicom-node model point`` at the card's operating point and reliability policy;
 4. ``benchmarks.fresh_subjects --held-out --update-card`` on the card's held-out volumes (HELD_OUT);
 5. ``benchmarks.compare_models`` of the shipped card and the new one.
 
@@ -86,11 +86,14 @@ def _point_value(value: float | int | dict | None) -> str:
 
 
 def point_options(card: ModelCard) -> tuple[str, ...]:
-    """`model point`'s options that set a model to the card's operating point."""
+    """`model point`'s options that set a model to the card's operating point and reliability policy."""
+    policy = card.reliability
     return ("--min-mask-pixels", str(card.architecture["min_mask_pixels"]),
             "--min-lesion-slices", _point_value(card.min_lesion_slices),
             "--aligned-overlap", _point_value(card.aligned_lesion_overlap),
-            "--mask-threshold", _point_value(card.mask_threshold))
+            "--mask-threshold", _point_value(card.mask_threshold),
+            "--reliability-cuts", f"{policy.high_below},{policy.low_above}",
+            "--stability-weight", str(policy.stability_weight), "--lesion-rule", policy.lesion_rule)
 
 
 def reproduction_plan(card: ModelCard, work: Path, shipped: Path = SHIPPED) -> list[Step]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from dicom_node.cli_types import (Given, aligned_overlap_argument, count_argument, lesion_slices_argument,
                                   mask_threshold_argument, optional, reliability_cuts_argument, version_argument)
 from dicom_node.config import NodeConfig
-from inference.model.card import CARD_FILE, ModelCard
+from inference.model.card import CARD_FILE, LESION_RULES, ModelCard
 
 
 class ModelChoiceError(ValueError):
@@ -59,6 +59,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     point.add_argument("--stability-weight", type=float, metavar="W",
                        help="how much the decoder's doubt (1 - the mask's stability score) adds to the sampled "
                             "answers' semantic entropy; 0: entropy alone")
+    point.add_argument("--lesion-rule", choices=LESION_RULES,
+                       help="a 3D lesion's reliability: its most doubtful slice's level (worst), or the level of its "
+                            "slices' median uncertainty (median)")
     point.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
     point.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
     point.set_defaults(func=point_command)
@@ -153,7 +156,8 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
         return KEEP if value is None else value.value if isinstance(value, Given) else value
 
     reliability = ({} if args.reliability_cuts is None else dict(zip(("high_below", "low_above"), args.reliability_cuts))) \
-        | ({} if args.stability_weight is None else {"stability_weight": args.stability_weight})
+        | ({} if args.stability_weight is None else {"stability_weight": args.stability_weight}) \
+        | ({} if args.lesion_rule is None else {"lesion_rule": args.lesion_rule})
     change = PointChange(mask_threshold=kept(args.mask_threshold), min_mask_pixels=kept(args.min_mask_pixels),
                          min_lesion_slices=kept(args.min_lesion_slices), aligned_lesion_overlap=kept(args.aligned_overlap),
                          reliability=reliability or KEEP)

@@ -86,7 +86,7 @@ def interpret_volume(volume: Volume, model: GroundedModel, config: EngineConfig 
             findings.extend(_slice_findings(k, interpretation, preparer.transform, model, config))
     interpreted = time.perf_counter()
     lesions = aggregate(volume, findings, config.min_volume_ml, min_lesion_slices(model, volume.modality),
-                        aligned_lesion_overlap(model, volume.modality))
+                        aligned_lesion_overlap(model, volume.modality), model.reliability)
     done = time.perf_counter()
     skipped = len(volume.sources) - len(selected)
     logger.info("series %s: %d slices interpreted, %d skipped, %d lesions", volume.series_instance_uid,

@@ -4,7 +4,8 @@ For each finding label, the slice masks (already on the source pixel grid) are s
 mask and split into connected components (26-connected) by SimpleITK. Each lesion gets its volume in mL
 (voxel count times in-plane pixel area times the slice thickness it occupies, from the true slice positions,
 so uneven spacing is measured correctly), its largest axial diameter in mm, its slice range, the source
-instances it touches, and a reliability: the worst level among its slices, with the mean predicted mask IoU.
+instances it touches, and a reliability from its slices' under the card's lesion rule (inference.reliability:
+the worst level, or the median uncertainty's), with the mean predicted mask IoU.
 Components smaller than ``min_volume_ml``, or on fewer slices than the model's ``min_lesion_slices``, are dropped,
 unless the model's ``aligned_lesion_overlap`` keeps a short one whose slice masks lie on top of each other.
 """
@@ -16,10 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from inference.reliability import Reliability
+from inference.model.card import ReliabilityPolicy
+from inference.reliability import Reliability, lesion_level
 from inference.slicing import SliceRef, Volume
-
-_ORDER = [Reliability.LOW, Reliability.MEDIUM, Reliability.UNKNOWN, Reliability.HIGH]
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,14 @@ class Lesion:
 
 
 def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float = 0.05,
-              min_slices: int = 1, aligned_overlap: float | None = None) -> list[Lesion]:
+              min_slices: int = 1, aligned_overlap: float | None = None,
+              policy: ReliabilityPolicy | None = None) -> list[Lesion]:
     """3D lesions, largest first; a component seen on fewer than ``min_slices`` slices is dropped (a model's
     operating point: a real lesion in 5 mm slices usually spans two, a spot on one slice is mostly noise),
     unless ``aligned_overlap`` is set and it spans at least two slices whose masks are aligned (``aligned``):
     a small compact lesion on two thick slices is seen in the same place on both, where the false findings a
-    slice rule removes (organ tips in partial volume, gas) mostly shift or change shape between slices."""
+    slice rule removes (organ tips in partial volume, gas) mostly shift or change shape between slices.
+    ``policy``: the card's, whose lesion rule rates each lesion (none: its worst slice's level)."""
     lesions: list[Lesion] = []
     for label in sorted({f.label for f in findings}):
         of_label = [f for f in findings if f.label == label]
@@ -68,7 +70,7 @@ def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float
         components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(stacked.astype(np.uint8)), True))
         for number in range(1, int(components.max()) + 1):
             mask = components == number
-            lesion = _lesion(volume, label, mask, of_label)
+            lesion = _lesion(volume, label, mask, of_label, policy)
             long_enough = lesion.slice_count >= min_slices or (
                 aligned_overlap is not None and lesion.slice_count >= 2 and aligned(mask, aligned_overlap))
             if lesion.volume_ml >= min_volume_ml and long_enough:
@@ -76,11 +78,11 @@ def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float
     return sorted(lesions, key=lambda l: -l.volume_ml)
 
 
-def _lesion(volume: Volume, label: str, mask: np.ndarray, findings: list[SliceFinding]) -> Lesion:
+def _lesion(volume: Volume, label: str, mask: np.ndarray, findings: list[SliceFinding],
+            policy: ReliabilityPolicy | None) -> Lesion:
     slices = np.flatnonzero(mask.any(axis=(1, 2)))
     volume_ml = mask_volume_ml(volume, mask)
     touching = [f for f in findings if f.slice_index in set(slices.tolist()) and (f.mask & mask[f.slice_index]).any()]
-    levels = [f.reliability for f in touching] or [Reliability.UNKNOWN]
     return Lesion(
         label=label,
         mask=mask,
@@ -88,7 +90,7 @@ def _lesion(volume: Volume, label: str, mask: np.ndarray, findings: list[SliceFi
         largest_axial_diameter_mm=max(largest_diameter_mm(mask[k], volume.spacing[:2]) for k in slices),
         slice_range=(int(slices[0]), int(slices[-1])),
         sources=[volume.sources[k] for k in slices],
-        reliability=min(levels, key=_ORDER.index),
+        reliability=lesion_level([f.reliability for f in touching], [f.uncertainty for f in touching], policy),
         mean_score=float(np.mean([f.score for f in touching])) if touching else 0.0,
         texts=sorted({f.text for f in touching if f.text}),
     )

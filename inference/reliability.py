@@ -12,6 +12,11 @@ decoder's "It is [SEG]", so with one label its samples agree by construction: it
 greedy mask's stability score (how much of the mask survives a stricter threshold). The card's policy adds
 ``stability_weight`` times (1 - stability) to the entropy, and cuts the sum into high / medium / low with its
 thresholds.
+
+A 3D lesion's level follows from its slices' by the policy's ``lesion_rule``: "worst" (the most doubtful
+slice's level) or "median" (the level of its slices' median uncertainty). A true lesion's first and last slices
+are thin, in partial volume, and doubtful where its core is not, so under "worst" the stability term marks most
+true lesions "low"; a false one is doubtful throughout, which the median still sees.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from enum import Enum
+from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
 
-from inference.model.card import ReliabilityPolicy
+from inference.model.card import LESION_RULES, ReliabilityPolicy
 from inference.model.protocol import Answer, Interpretation
 
 
@@ -71,6 +77,32 @@ def level(entropy: float, policy: ReliabilityPolicy) -> Reliability:
     if entropy > policy.low_above:
         return Reliability.LOW
     return Reliability.MEDIUM
+
+
+_ORDER = [Reliability.LOW, Reliability.MEDIUM, Reliability.UNKNOWN, Reliability.HIGH]  # worst first
+
+
+def lesion_uncertainty(uncertainties: Sequence[float], rule: str) -> float:
+    """A 3D lesion's uncertainty from its slices' (NaN where none was rated): the largest ("worst") or the
+    median ("median"), per LESION_RULES."""
+    if rule not in LESION_RULES:
+        raise ValueError(f"lesion rule must be one of {', '.join(LESION_RULES)}, not {rule!r}")
+    rated = [u for u in uncertainties if not math.isnan(u)]
+    if not rated:
+        return float("nan")
+    return max(rated) if rule == "worst" else float(np.median(rated))
+
+
+def lesion_level(levels: Sequence[Reliability], uncertainties: Sequence[float],
+                 policy: ReliabilityPolicy | None) -> Reliability:
+    """A 3D lesion's reliability from its slices' ``levels`` and ``uncertainties`` (same order) under the
+    policy's ``lesion_rule``. "worst" (and no policy) takes the worst level, an unrated slice ("unknown") below
+    "high"; "median" rates the median of the rated slices' uncertainties ("unknown" where none was rated)."""
+    if not levels:
+        return Reliability.UNKNOWN
+    if policy is None or policy.lesion_rule == "worst":
+        return min(levels, key=_ORDER.index)
+    return level(lesion_uncertainty(uncertainties, policy.lesion_rule), policy)
 
 
 def _mean_pairwise_iou(group: list[Answer]) -> float:

@@ -1,5 +1,6 @@
 """Reliability from sampled answers, and 3D lesions measured in the volume's real geometry."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from inference.findings import SliceFinding, aggregate, aligned, largest_diamete
 from inference.model.card import ReliabilityPolicy
 from inference.model.grounded import GroundedSegmenter
 from inference.model.protocol import Answer, Interpretation
-from inference.reliability import Reliability, level, semantic_entropy, uncertainty
+from inference.reliability import Reliability, lesion_uncertainty, level, semantic_entropy, uncertainty
 from inference.slicing import SliceRef, Volume
 
 
@@ -51,7 +52,7 @@ def test_uncertainty_adds_the_decoders_doubt_to_the_samples_entropy_as_the_card_
 
 
 @pytest.mark.parametrize("settings", [{"high_below": 0.9, "low_above": 0.5}, {"stability_weight": -1.0},
-                                      {"samples": -1}, {"temperature": 0.0}])
+                                      {"samples": -1}, {"temperature": 0.0}, {"lesion_rule": "mean"}])
 def test_a_card_with_an_impossible_reliability_policy_is_refused(settings):
     with pytest.raises(ValueError):
         ReliabilityPolicy(**settings)
@@ -105,6 +106,34 @@ def test_slices_join_into_one_lesion_with_real_measurements():
     assert lesion.slice_range == (3, 5) and [s.sop_instance_uid for s in lesion.sources] == ["1.2.3.4.3", "1.2.3.4.4", "1.2.3.4.5"]
     assert lesion.reliability is Reliability.MEDIUM  # the worst of its slices
     assert lesion.mean_score == pytest.approx((0.9 + 0.7 + 0.9) / 3)
+
+
+def test_the_cards_lesion_rule_keeps_a_true_lesions_doubtful_tips_from_marking_it_low():
+    """A lesion whose core slices are sure and whose thin end slices are not: "worst" rates it by a tip, "median"
+    by the core; a lesion doubtful throughout is "low" under both, and one with no rated slice "unknown"."""
+    policy = ReliabilityPolicy(high_below=0.35, low_above=0.8, stability_weight=1.0)
+    core_and_tips = [0.9, 0.1, 0.05, 0.2, 1.1]  # slices 2..6: tip, core, core, core, tip
+
+    def findings(uncertainties, first=2):
+        return [SliceFinding(first + k, "Brain tumor", disc((40, 40), (20, 20), 6), 0.9, level(u, policy), u)
+                for k, u in enumerate(uncertainties)]
+
+    v = volume()
+    [worst] = aggregate(v, findings(core_and_tips), policy=dataclasses.replace(policy, lesion_rule="worst"))
+    [median] = aggregate(v, findings(core_and_tips), policy=dataclasses.replace(policy, lesion_rule="median"))
+    assert (worst.reliability, median.reliability) == (Reliability.LOW, Reliability.HIGH)
+    [unsure] = aggregate(v, findings([0.9, 0.85, 1.2]), policy=dataclasses.replace(policy, lesion_rule="median"))
+    assert unsure.reliability is Reliability.LOW
+    [middling] = aggregate(v, findings([0.3, 0.5, 0.6, 0.9]), policy=dataclasses.replace(policy, lesion_rule="median"))
+    assert middling.reliability is Reliability.MEDIUM  # median 0.55
+    [unrated] = aggregate(v, findings([math.nan] * 3), policy=dataclasses.replace(policy, lesion_rule="median"))
+    assert unrated.reliability is Reliability.UNKNOWN
+    assert lesion_uncertainty([0.2, math.nan, 0.4], "worst") == pytest.approx(0.4)  # an unrated slice is skipped
+    assert lesion_uncertainty([0.2, math.nan, 0.4, 0.9], "median") == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="lesion rule"):
+        lesion_uncertainty([0.2], "mean")
+    [default] = aggregate(v, findings(core_and_tips))  # no policy: the worst slice, as before cards had a rule
+    assert default.reliability is Reliability.LOW
 
 
 def test_separate_blobs_and_labels_make_separate_lesions_and_small_ones_are_dropped():

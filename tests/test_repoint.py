@@ -53,9 +53,10 @@ def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, s
     # The reliability policy's cuts and the decoder's weight in it: the rest of the policy kept
     rated = tmp_path / "rated"
     assert main(["model", "point", "p-5", "p-1", "--reliability-cuts", "0.2,0.45", "--stability-weight", "0.5",
+                 "--lesion-rule", "median",
                  "--out", str(rated), "--no-register", "--config", str(config)]) == 0
     policy = ModelCard.from_json((rated / "model_card.json").read_text()).reliability
-    assert (policy.high_below, policy.low_above, policy.stability_weight) == (0.2, 0.45, 0.5)
+    assert (policy.high_below, policy.low_above, policy.stability_weight, policy.lesion_rule) == (0.2, 0.45, 0.5, "median")
     assert (policy.samples, policy.temperature) == (5, 0.7)
 
 
@@ -84,6 +85,9 @@ def test_a_point_that_cannot_be_written_is_refused(source, tmp_path, capsys):
     assert "HIGH <= LOW" in capsys.readouterr().err
     assert main([*command, "--stability-weight", "-1", "--out", str(tmp_path / "e")]) == 2
     assert "stability_weight cannot be negative" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    with pytest.raises(SystemExit):
+        main([*command, "--lesion-rule", "mean"])
+    assert "invalid choice" in capsys.readouterr().err
 
     tampered = tmp_path / "tampered"
     tampered.mkdir()

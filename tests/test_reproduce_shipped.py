@@ -51,9 +51,11 @@ def test_the_point_step_gives_the_weights_the_shipped_operating_point(tmp_path):
     point = next(s for s in reproduction_plan(card, tmp_path / "work") if s.name == "point")
     config = write_node_config(tmp_path / "node", 11112, [])
     # The combined runs' stand-in: the shipped weights at the point of the first run's recorded command, as
-    # `model combine` leaves it (1.4.0's: 30 px, CT 2 and MR 3 slices, no aligned rule, the default threshold).
+    # `model combine` leaves it (1.4.0's: 30 px, CT 2 and MR 3 slices, no aligned rule, the default threshold,
+    # a reliability policy of the entropy alone, its worst slice rating a lesion, other cuts).
     first = ["model", "point", "first", str(SHIPPED), "--min-mask-pixels", "30", "--min-lesion-slices", "CT=2,MR=3",
-             "--aligned-overlap", "none", "--mask-threshold", "none", "--out", str(tmp_path / "first"), "--no-register"]
+             "--aligned-overlap", "none", "--mask-threshold", "none", "--reliability-cuts", "0.2,0.45",
+             "--stability-weight", "0", "--lesion-rule", "worst", "--out", str(tmp_path / "first"), "--no-register"]
     assert main([*first, "--config", str(config)]) == 0
     standin = ModelCard.from_json((tmp_path / "first" / CARD_FILE).read_text())
     assert standin.mask_threshold is None and standin.aligned_lesion_overlap is None
@@ -62,7 +64,7 @@ def test_the_point_step_gives_the_weights_the_shipped_operating_point(tmp_path):
     argv[argv.index("--out") + 1] = str(tmp_path / "again")
     assert main([*argv, "--config", str(config)]) == 0
     again = ModelCard.from_json((tmp_path / "again" / CARD_FILE).read_text())
-    for name in ("mask_threshold", "min_lesion_slices", "aligned_lesion_overlap", "version"):
+    for name in ("mask_threshold", "min_lesion_slices", "aligned_lesion_overlap", "reliability", "version"):
         assert getattr(again, name) == getattr(card, name), name
     assert again.architecture == card.architecture
 

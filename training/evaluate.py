@@ -18,7 +18,7 @@ from the cache); an observer records every slice's answer. Against the ground-tr
   stricter figure where a lesion lies in parts, e.g. a tumour with a satellite);
 - reliability calibration: on slices with a predicted finding, the error rate per reliability level; and on
   what the SR reports, per reliability level of the 3D lesions, the fraction that are false positives
-  (``lesion_reliability_calibration``; a lesion's level is the worst of its slices' levels).
+  (``lesion_reliability_calibration``; a lesion's level follows from its slices' by the card's lesion rule).
 """
 
 from __future__ import annotations

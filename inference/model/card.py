@@ -22,6 +22,7 @@ from inference.preprocess import Normalization
 
 CARD_FILE = "model_card.json"
 ENCODER_PRECISIONS = ("bf16", "fp32")
+LESION_RULES = ("worst", "median")  # how a 3D lesion's reliability follows from its slices' (inference.reliability)
 WEIGHTS_FILE = "model.safetensors"
 _MEMBER_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.safetensors")  # a plain name: never a path out of the folder
 
@@ -38,6 +39,8 @@ class ReliabilityPolicy:
     high_below: float = 0.35  # uncertainty (nats) under which reliability is "high"
     low_above: float = 0.8  # uncertainty above which it is "low"; "medium" between
     stability_weight: float = 0.0  # 0: semantic entropy alone (cards before 1.5.3)
+    lesion_rule: str = "worst"  # a 3D lesion's level: its most doubtful slice's ("worst"), or its slices' median
+    # uncertainty's ("median"; LESION_RULES)
 
     def __post_init__(self) -> None:
         if self.samples < 0 or self.temperature <= 0:
@@ -46,6 +49,8 @@ class ReliabilityPolicy:
             raise ValueError(f"reliability cuts must satisfy 0 <= high_below <= low_above, not {self.high_below}, {self.low_above}")
         if self.stability_weight < 0:
             raise ValueError(f"stability_weight cannot be negative, not {self.stability_weight}")
+        if self.lesion_rule not in LESION_RULES:
+            raise ValueError(f"lesion_rule must be one of {', '.join(LESION_RULES)}, not {self.lesion_rule!r}")
 
 
 @dataclass(frozen=True)
