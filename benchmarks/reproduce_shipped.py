@@ -93,7 +93,8 @@ def point_options(card: ModelCard) -> tuple[str, ...]:
             "--aligned-overlap", _point_value(card.aligned_lesion_overlap),
             "--mask-threshold", _point_value(card.mask_threshold),
             "--reliability-cuts", f"{policy.high_below},{policy.low_above}",
-            "--stability-weight", str(policy.stability_weight), "--lesion-rule", policy.lesion_rule)
+            "--stability-weight", str(policy.stability_weight), "--lesion-rule", policy.lesion_rule,
+            "--short-lesion-cap", policy.short_lesion_cap)
 
 
 def reproduction_plan(card: ModelCard, work: Path, shipped: Path = SHIPPED) -> list[Step]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from dicom_node.cli_types import (Given, aligned_overlap_argument, count_argument, lesion_slices_argument,
                                   mask_threshold_argument, optional, reliability_cuts_argument, version_argument)
 from dicom_node.config import NodeConfig
-from inference.model.card import CARD_FILE, LESION_RULES, ModelCard
+from inference.model.card import CARD_FILE, LESION_RULES, LEVELS, ModelCard
 
 
 class ModelChoiceError(ValueError):
@@ -62,6 +62,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     point.add_argument("--lesion-rule", choices=LESION_RULES,
                        help="a 3D lesion's reliability: its most doubtful slice's level (worst), or the level of its "
                             "slices' median uncertainty (median)")
+    point.add_argument("--short-lesion-cap", choices=LEVELS,
+                       help="the best reliability of a lesion shorter than --min-lesion-slices that --aligned-overlap "
+                            "keeps (high: no cap)")
     point.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
     point.add_argument("--no-register", action="store_true", help="do not record the version in the node's database")
     point.set_defaults(func=point_command)
@@ -157,7 +160,8 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
 
     reliability = ({} if args.reliability_cuts is None else dict(zip(("high_below", "low_above"), args.reliability_cuts))) \
         | ({} if args.stability_weight is None else {"stability_weight": args.stability_weight}) \
-        | ({} if args.lesion_rule is None else {"lesion_rule": args.lesion_rule})
+        | ({} if args.lesion_rule is None else {"lesion_rule": args.lesion_rule}) \
+        | ({} if args.short_lesion_cap is None else {"short_lesion_cap": args.short_lesion_cap})
     change = PointChange(mask_threshold=kept(args.mask_threshold), min_mask_pixels=kept(args.min_mask_pixels),
                          min_lesion_slices=kept(args.min_lesion_slices), aligned_lesion_overlap=kept(args.aligned_overlap),
                          reliability=reliability or KEEP)

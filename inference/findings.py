@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from inference.model.card import ReliabilityPolicy
-from inference.reliability import Reliability, lesion_level
+from inference.reliability import Reliability, capped, lesion_level
 from inference.slicing import SliceRef, Volume
 
 
@@ -60,7 +60,8 @@ def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float
     unless ``aligned_overlap`` is set and it spans at least two slices whose masks are aligned (``aligned``):
     a small compact lesion on two thick slices is seen in the same place on both, where the false findings a
     slice rule removes (organ tips in partial volume, gas) mostly shift or change shape between slices.
-    ``policy``: the card's, whose lesion rule rates each lesion (none: its worst slice's level)."""
+    ``policy``: the card's, whose lesion rule rates each lesion (none: its worst slice's level) and whose
+    ``short_lesion_cap`` bounds the level of a short one kept for its alignment."""
     lesions: list[Lesion] = []
     for label in sorted({f.label for f in findings}):
         of_label = [f for f in findings if f.label == label]
@@ -71,9 +72,12 @@ def aggregate(volume: Volume, findings: list[SliceFinding], min_volume_ml: float
         for number in range(1, int(components.max()) + 1):
             mask = components == number
             lesion = _lesion(volume, label, mask, of_label, policy)
-            long_enough = lesion.slice_count >= min_slices or (
+            short = lesion.slice_count < min_slices
+            long_enough = not short or (
                 aligned_overlap is not None and lesion.slice_count >= 2 and aligned(mask, aligned_overlap))
             if lesion.volume_ml >= min_volume_ml and long_enough:
+                if short and policy is not None:
+                    lesion.reliability = capped(lesion.reliability, policy.short_lesion_cap)
                 lesions.append(lesion)
     return sorted(lesions, key=lambda l: -l.volume_ml)
 

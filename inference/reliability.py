@@ -16,7 +16,8 @@ thresholds.
 A 3D lesion's level follows from its slices' by the policy's ``lesion_rule``: "worst" (the most doubtful
 slice's level) or "median" (the level of its slices' median uncertainty). A true lesion's first and last slices
 are thin, in partial volume, and doubtful where its core is not, so under "worst" the stability term marks most
-true lesions "low"; a false one is doubtful throughout, which the median still sees.
+true lesions "low"; a false one is doubtful throughout, which the median still sees. A lesion shorter than the
+card's slice rule, kept only because its slices are aligned, is at best the policy's ``short_lesion_cap``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ def lesion_level(levels: Sequence[Reliability], uncertainties: Sequence[float],
     if policy is None or policy.lesion_rule == "worst":
         return min(levels, key=_ORDER.index)
     return level(lesion_uncertainty(uncertainties, policy.lesion_rule), policy)
+
+
+def capped(reliability: Reliability, cap: str) -> Reliability:
+    """``reliability``, or ``cap`` ("high", "medium", "low") where that is worse; "unknown" stays unknown."""
+    if reliability is Reliability.UNKNOWN:
+        return reliability
+    return min(reliability, Reliability(cap), key=_ORDER.index)
 
 
 def _mean_pairwise_iou(group: list[Answer]) -> float:

@@ -11,7 +11,7 @@ from inference.findings import SliceFinding, aggregate, aligned, largest_diamete
 from inference.model.card import ReliabilityPolicy
 from inference.model.grounded import GroundedSegmenter
 from inference.model.protocol import Answer, Interpretation
-from inference.reliability import Reliability, lesion_uncertainty, level, semantic_entropy, uncertainty
+from inference.reliability import Reliability, capped, lesion_uncertainty, level, semantic_entropy, uncertainty
 from inference.slicing import SliceRef, Volume
 
 
@@ -52,7 +52,8 @@ def test_uncertainty_adds_the_decoders_doubt_to_the_samples_entropy_as_the_card_
 
 
 @pytest.mark.parametrize("settings", [{"high_below": 0.9, "low_above": 0.5}, {"stability_weight": -1.0},
-                                      {"samples": -1}, {"temperature": 0.0}, {"lesion_rule": "mean"}])
+                                      {"samples": -1}, {"temperature": 0.0}, {"lesion_rule": "mean"},
+                                      {"short_lesion_cap": "unknown"}])
 def test_a_card_with_an_impossible_reliability_policy_is_refused(settings):
     with pytest.raises(ValueError):
         ReliabilityPolicy(**settings)
@@ -174,6 +175,24 @@ def test_a_short_lesion_is_kept_only_where_its_slices_are_aligned():
     assert kept.slice_range == (2, 3)
     loose = aggregate(v, findings, min_volume_ml=0.0, min_slices=3, aligned_overlap=0.1)
     assert sorted(l.slice_range for l in loose) == [(2, 3), (6, 7)]  # a single slice is never "aligned"
+
+
+def test_a_short_lesion_kept_for_its_alignment_is_at_best_the_cards_cap():
+    """The aligned exception keeps lesions the slice rule would drop, where false ones gather: the card may
+    bound their level; a lesion long enough for the rule keeps its own, and a cap never raises a level."""
+    v = volume()
+    sure = [SliceFinding(k, "Kidney tumor", disc((40, 40), (10, 10), 5), 0.9, Reliability.HIGH, 0.1) for k in (2, 3)]
+    unsure = [SliceFinding(k, "Kidney tumor", disc((40, 40), (30, 30), 5), 0.9, Reliability.LOW, 1.0) for k in (6, 7)]
+    long = [SliceFinding(k, "Liver tumor", disc((40, 40), (10, 30), 5), 0.9, Reliability.HIGH, 0.1) for k in (2, 3, 4)]
+    policy = ReliabilityPolicy(stability_weight=1.0, lesion_rule="median", short_lesion_cap="medium")
+    lesions = aggregate(v, sure + unsure + long, min_volume_ml=0.0, min_slices=3, aligned_overlap=0.9, policy=policy)
+    levels = {(l.label, l.slice_range): l.reliability for l in lesions}
+    assert levels == {("Kidney tumor", (2, 3)): Reliability.MEDIUM, ("Kidney tumor", (6, 7)): Reliability.LOW,
+                      ("Liver tumor", (2, 4)): Reliability.HIGH}
+    uncapped = aggregate(v, sure, min_volume_ml=0.0, min_slices=3, aligned_overlap=0.9,
+                         policy=dataclasses.replace(policy, short_lesion_cap="high"))
+    assert [l.reliability for l in uncapped] == [Reliability.HIGH]
+    assert capped(Reliability.UNKNOWN, "low") is Reliability.UNKNOWN  # nothing rated: no level to bound
 
 
 def test_alignment_is_the_overlap_of_consecutive_slices_over_the_smaller_mask():

@@ -53,10 +53,11 @@ def test_a_new_point_answers_with_the_same_weights_under_its_new_rule(trained, s
     # The reliability policy's cuts and the decoder's weight in it: the rest of the policy kept
     rated = tmp_path / "rated"
     assert main(["model", "point", "p-5", "p-1", "--reliability-cuts", "0.2,0.45", "--stability-weight", "0.5",
-                 "--lesion-rule", "median",
+                 "--lesion-rule", "median", "--short-lesion-cap", "medium",
                  "--out", str(rated), "--no-register", "--config", str(config)]) == 0
     policy = ModelCard.from_json((rated / "model_card.json").read_text()).reliability
-    assert (policy.high_below, policy.low_above, policy.stability_weight, policy.lesion_rule) == (0.2, 0.45, 0.5, "median")
+    assert (policy.high_below, policy.low_above, policy.stability_weight, policy.lesion_rule, policy.short_lesion_cap) \
+        == (0.2, 0.45, 0.5, "median", "medium")
     assert (policy.samples, policy.temperature) == (5, 0.7)
 
 

@@ -55,7 +55,8 @@ def test_the_point_step_gives_the_weights_the_shipped_operating_point(tmp_path):
     # a reliability policy of the entropy alone, its worst slice rating a lesion, other cuts).
     first = ["model", "point", "first", str(SHIPPED), "--min-mask-pixels", "30", "--min-lesion-slices", "CT=2,MR=3",
              "--aligned-overlap", "none", "--mask-threshold", "none", "--reliability-cuts", "0.2,0.45",
-             "--stability-weight", "0", "--lesion-rule", "worst", "--out", str(tmp_path / "first"), "--no-register"]
+             "--stability-weight", "0", "--lesion-rule", "worst", "--short-lesion-cap", "low", "--out", str(tmp_path / "first"),
+             "--no-register"]
     assert main([*first, "--config", str(config)]) == 0
     standin = ModelCard.from_json((tmp_path / "first" / CARD_FILE).read_text())
     assert standin.mask_threshold is None and standin.aligned_lesion_overlap is None

@@ -30,7 +30,7 @@ class PointChange:
     min_mask_pixels: object = KEEP  # int (GroundedConfig.min_mask_pixels)
     min_lesion_slices: object = KEEP  # int | dict[str, int] (ModelCard.min_lesion_slices)
     aligned_lesion_overlap: object = KEEP  # float | dict[str, float] | None (ModelCard.aligned_lesion_overlap)
-    reliability: object = KEEP  # dict: the ReliabilityPolicy fields to change (cuts, stability_weight, lesion_rule)
+    reliability: object = KEEP  # dict: the ReliabilityPolicy fields to change (cuts, stability_weight, lesion_rule, short_lesion_cap)
 
     def changed(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not KEEP}

@@ -23,6 +23,7 @@ from inference.preprocess import Normalization
 CARD_FILE = "model_card.json"
 ENCODER_PRECISIONS = ("bf16", "fp32")
 LESION_RULES = ("worst", "median")  # how a 3D lesion's reliability follows from its slices' (inference.reliability)
+LEVELS = ("high", "medium", "low")  # the reliability levels, best first (inference.reliability.Reliability)
 WEIGHTS_FILE = "model.safetensors"
 _MEMBER_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.safetensors")  # a plain name: never a path out of the folder
 
@@ -41,6 +42,8 @@ class ReliabilityPolicy:
     stability_weight: float = 0.0  # 0: semantic entropy alone (cards before 1.5.3)
     lesion_rule: str = "worst"  # a 3D lesion's level: its most doubtful slice's ("worst"), or its slices' median
     # uncertainty's ("median"; LESION_RULES)
+    short_lesion_cap: str = "high"  # the best level of a lesion shorter than the slice rule, kept only because its
+    # slices are aligned (the card's aligned_lesion_overlap): an exception to what the model reports; "high": no cap
 
     def __post_init__(self) -> None:
         if self.samples < 0 or self.temperature <= 0:
@@ -51,6 +54,8 @@ class ReliabilityPolicy:
             raise ValueError(f"stability_weight cannot be negative, not {self.stability_weight}")
         if self.lesion_rule not in LESION_RULES:
             raise ValueError(f"lesion_rule must be one of {', '.join(LESION_RULES)}, not {self.lesion_rule!r}")
+        if self.short_lesion_cap not in LEVELS:
+            raise ValueError(f"short_lesion_cap must be one of {', '.join(LEVELS)}, not {self.short_lesion_cap!r}")
 
 
 @dataclass(frozen=True)
