@@ -158,10 +158,10 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
     def kept(value: object) -> object:  # not given: the source's setting; Given (may be "none"): its value
         return KEEP if value is None else value.value if isinstance(value, Given) else value
 
+    given = {"stability_weight": args.stability_weight, "lesion_rule": args.lesion_rule,
+             "short_lesion_cap": args.short_lesion_cap}  # ReliabilityPolicy fields named as their options
     reliability = ({} if args.reliability_cuts is None else dict(zip(("high_below", "low_above"), args.reliability_cuts))) \
-        | ({} if args.stability_weight is None else {"stability_weight": args.stability_weight}) \
-        | ({} if args.lesion_rule is None else {"lesion_rule": args.lesion_rule}) \
-        | ({} if args.short_lesion_cap is None else {"short_lesion_cap": args.short_lesion_cap})
+        | {name: value for name, value in given.items() if value is not None}
     change = PointChange(mask_threshold=kept(args.mask_threshold), min_mask_pixels=kept(args.min_mask_pixels),
                          min_lesion_slices=kept(args.min_lesion_slices), aligned_lesion_overlap=kept(args.aligned_overlap),
                          reliability=reliability or KEEP)
