@@ -1,7 +1,7 @@
 """Combining trained runs into one ensemble checkpoint: separately trained heads err on different slices, and
 averaging their answers to the [SEG] query costs little, since all share the one frozen encoder that is 98 % of
 a slice's cost (``inference.model.builtin``). Averaging the weights instead fails: two runs' heads do not lie in
-one basin (README, run 18)."""
+one basin (docs/model-history.md, run 18)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Hard negatives: the clear training slices on which the trained model still draws a lesion.
 
-On held-out CT most false-positive lesions are of two kinds (README, "what was tried"): the rounded end of an
+On held-out CT most false-positive lesions are of two kinds (docs/model-history.md, "what was tried"): the rounded end of an
 organ on the first or last slices of a series (the liver's tip looks like a hyperdense nodule against fat),
 and bowel, whose density is a hypodense liver tumour's. Such slices are a few percent of the clear slices, so
 a batch drawn uniformly shows them rarely. After the main schedule the trainer scores every clear slice once

@@ -13,7 +13,7 @@ with findings, against 0 for the query of a clear slice (weight ``PRESENCE_WEIGH
 
 ``lesion_weight`` weighs the lesion pixels of a finding's mask in its BCE (``pos_weight``): above 1 it
 makes a missed lesion pixel cost more than a false one beside it, against masks that cover only part of a
-large lesion (README, "Where MR Dice is lost"). 1, the paper's loss, by default; clear slices are not affected.
+large lesion (docs/model-history.md, "Where MR Dice is lost"). 1, the paper's loss, by default; clear slices are not affected.
 
 With ``region_tokens`` the token after each [SEG] carries the region of that [SEG]'s true mask (teacher
 forcing, as the answer's own tokens are).

@@ -29,7 +29,7 @@ from training.trainer import TrainConfig, Trainer, TrainingSet
 logger = logging.getLogger(__name__)
 
 # The mask decoder decides (GroundedConfig): on held-out synthetic subjects it found twice the lesion slices
-# the language model did, at the same false positives (README, "what was tried").
+# the language model did, at the same false positives (docs/model-history.md, "what was tried").
 # min_mask_pixels: chosen on validation subjects (benchmarks/operating_point.py; README)
 DEFAULT_ARCHITECTURE = dataclasses.replace(GroundedConfig(), image_tokens_side=8, decision="decoder",
                                            region_tokens=True, min_mask_pixels=5).to_dict()
@@ -108,7 +108,7 @@ def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negati
 def with_mirrored(data: TrainingSet, cache: EmbeddingCache) -> TrainingSet:
     """``data`` plus each slice mirrored left-right, masks and all, its embedding from the encoder (the
     frozen encoder is not mirror-symmetric, so a mirrored embedding cannot be made by flipping one). Twice the
-    lesion shapes and positions for a decoder that otherwise fits a few hundred masks (README)."""
+    lesion shapes and positions for a decoder that otherwise fits a few hundred masks (docs/model-history.md, run 7)."""
     flipped = [dataclasses.replace(s, image=mirror_images(s.image), masks=mirror_images(s.masks)) for s in data.samples]
     embeddings = cache.stored(np.stack([s.image for s in flipped])) if flipped else StoredEmbeddings([])
     stacks = None if data.detail_inputs is None else data.detail_inputs + data.detail_inputs.mirrored()

@@ -41,7 +41,7 @@ STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600  # the shipped model's; longer over-fitted the language model's decision (README)
+    steps: int = 600  # the shipped model's; longer over-fitted the language model's decision (docs/model-history.md)
     batch_size: int = 8
     positive_fraction: float = 0.35
     learning_rate: float = 1e-3
@@ -66,7 +66,7 @@ class TrainConfig:
     lesion_weight: float = 1.0  # BCE weight of a finding's lesion pixels (training.loss); 1: the paper's loss
     # Channel dropout on the cached encoder features in training: each slice's features come from one frozen
     # encoding, the same at every step, which the heads can learn by heart (on MR, held-out Dice 0.85 against
-    # 0.92 on the training subjects; README). 0: none.
+    # 0.92 on the training subjects; docs/model-history.md). 0: none.
     feature_dropout: float = 0.0
 
     def __post_init__(self) -> None:

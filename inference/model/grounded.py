@@ -16,7 +16,7 @@ Who decides whether a slice has a finding (``GroundedConfig.decision``):
   embedding, answers the [SEG] query; a mask of fewer than ``min_mask_pixels`` means "No findings.", else the
   language model goes on from there (the label, any further [SEG]). Pixel-level supervision teaches the
   decoder to find small lesions from far fewer subjects than a yes/no answer teaches the language model
-  (on held-out synthetic subjects it doubled slice sensitivity at the same false positives; README).
+  (on held-out synthetic subjects it doubled slice sensitivity at the same false positives; docs/model-history.md, runs 1-3).
 
 ``presence``: the decoder's IoU head (SAM's estimate of its mask's quality, unused here otherwise) is trained
 as a presence logit, as SAM 2 (UniBiomed's decoder) has an object score: the probability that what the [SEG]
