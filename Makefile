@@ -9,8 +9,9 @@ CONFIG ?= config.toml
 
 # Debian packages: DCMTK (test clients, storescp), Orthanc (a real PACS), dicom3tools (dciodvfy), openssl (TLS tests),
 # mricron-data (the Colin27 head MRI and its label maps, for the synthetic training data), g++ (torch.compile of
-# the fp32 encoder, which the shipped config.toml asks for: 0.8 s a slice against 1.4-2.1 eager on 2 cores).
-APT_PACKAGES := dcmtk orthanc dicom3tools openssl mricron-data g++
+# the fp32 encoder, which the shipped config.toml asks for: 0.8 s a slice against 1.4-2.1 eager on 2 cores),
+# postgresql (the index's tests run on a real PostgreSQL server too; its binaries are not on PATH).
+APT_PACKAGES := dcmtk orthanc dicom3tools openssl mricron-data g++ postgresql
 APT_TOOLS    := storescu Orthanc dciodvfy openssl g++
 APT_FILES    := /usr/share/mricron/templates/ch2better.nii.gz
 
@@ -30,6 +31,7 @@ install: system-packages $(VENV)/.installed $(SEG_VENV)/.installed
 system-packages:
 	@missing=""; for tool in $(APT_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	for file in $(APT_FILES); do test -f $$file || missing="$$missing $$file"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages ($$missing missing): $(APT_PACKAGES)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

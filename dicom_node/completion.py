@@ -96,9 +96,15 @@ def _decide(session: Session, config: NodeConfig, series: Series, completion: Se
     return Decision(series.id, "queued", job.id, route.name)
 
 
-def requeue_interrupted(session: Session) -> list[int]:
-    """Jobs left "running" by a crash or a stop go back to the queue (their attempt stays counted)."""
-    ids = list(session.scalars(select(Job.id).where(Job.status == RUNNING)))
+def requeue_interrupted(session: Session, max_attempts: int, now: datetime) -> list[int]:
+    """Jobs left "running" by a crash or a stop go back to the queue (their attempt stays counted); one that
+    has used its ``max_attempts`` fails instead: a series that kills the process must not crash every start."""
+    ids = list(session.scalars(select(Job.id).where(Job.status == RUNNING, Job.attempts < max_attempts)))
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(status=QUEUED, error="interrupted (node stopped)"))
+    for job in session.scalars(select(Job).where(Job.status == RUNNING, Job.attempts >= max_attempts)):
+        job.status, job.finished_at = FAILED, now
+        job.error = (f"interrupted in attempt {job.attempts} of {max_attempts}: the node stopped or crashed while "
+                     "running it (out of memory?)")
+        logger.error("job %d failed: %s", job.id, job.error)
     return ids

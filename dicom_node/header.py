@@ -22,6 +22,7 @@ _UNDEFINED = 0xFFFFFFFF
 _TAG = struct.Struct("<HH")
 _SHORT = struct.Struct("<2sH")
 _LONG = struct.Struct("<I")
+MAX_NESTING = 128  # sequences nested deeper are refused: no real header comes near, and each level recurses
 
 
 class HeaderFormatError(ValueError):
@@ -84,8 +85,10 @@ class _Reader:
         self.pos += 8
         return tag, short_length, False
 
-    def skip_undefined_sequence(self) -> None:
+    def skip_undefined_sequence(self, depth: int = 1) -> None:
         """Skip items up to and including the sequence delimiter."""
+        if depth > MAX_NESTING:
+            raise HeaderFormatError(f"sequences nested more than {MAX_NESTING} deep")
         while True:
             tag, length, _ = self.element_header()
             if tag == _SEQUENCE_END:
@@ -93,13 +96,13 @@ class _Reader:
             if tag != _ITEM:
                 raise HeaderFormatError(f"expected an item, found {tag:08X}")
             if length == _UNDEFINED:
-                self._skip_undefined_item()
+                self._skip_undefined_item(depth)
             else:
                 self.pos += length
             if self.pos > self.end:
                 raise HeaderFormatError("item runs past the end of the data set")
 
-    def _skip_undefined_item(self) -> None:
+    def _skip_undefined_item(self, depth: int) -> None:
         while True:
             tag, length, is_sequence = self.element_header()
             if tag == _ITEM_END:
@@ -107,7 +110,7 @@ class _Reader:
             if length == _UNDEFINED:
                 if not is_sequence:
                     raise HeaderFormatError(f"undefined length on non-sequence element {tag:08X}")
-                self.skip_undefined_sequence()
+                self.skip_undefined_sequence(depth + 1)
             else:
                 self.pos += length
             if self.pos > self.end:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 import struct
+import threading
 import warnings
 import zlib
 from io import BytesIO
@@ -129,14 +130,19 @@ def _decode(value: bytes, encoding: str) -> str:
     return value.decode(encoding, "replace").strip(" \x00")
 
 
+# catch_warnings swaps process-wide state: two associations in it at once would swap each other's warnings.
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _read_header_pydicom(file_bytes: bytes) -> dict[str, str]:
     """The slow, general path: any transfer syntax and any character set pydicom knows."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             header = dcmread(BytesIO(file_bytes), stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    # zlib: a corrupt deflated data set; struct: a truncated header; recursion: sequences nested hundreds deep
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
-            zlib.error, struct.error) as exc:  # zlib: a corrupt deflated data set; struct: a truncated header
+            zlib.error, struct.error, RecursionError) as exc:
         raise InvalidInstanceError(status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
     truncated = [w for w in caught if "End of file reached" in str(w.message)]
     if truncated:

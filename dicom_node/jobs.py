@@ -6,8 +6,9 @@ The ``jobs`` table is the truth: a job is claimed (queued -> running, attempt co
 worked on with no transaction open, and finished (done with its results and their deliveries, or queued
 again with backoff, or failed with the reason) in another. The check also sweeps for queued jobs that are
 due and not scheduled (a retry asked for on the command line, an entry lost to a crash), so a job in the
-table always runs. Jobs left running by a crash are queued again at start; a retry of a run writes the
-same SOP Instance UIDs, so the PACS gets one SEG and one SR per run however often the node died.
+table always runs. Jobs left running by a crash are queued again at start, or failed if that was their
+``max_attempts``-th attempt (a series that crashes the process must not crash every start); a retry of a run
+writes the same SOP Instance UIDs, so the PACS gets one SEG and one SR per run however often the node died.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dicom_node import status
 from dicom_node.completion import DONE, FAILED, QUEUED, RUNNING, anything_to_judge, detect_complete, requeue_interrupted
 from dicom_node.config import NodeConfig, Route
 from dicom_node.model_registry import resolve_model
-from dicom_node.outbox import RetryPolicy, add_delivery, now_utc
+from dicom_node.outbox import RetryPolicy, add_delivery
 from dicom_node.outputs.encode import encode
 from dicom_node.outputs.seg import OutputError
 from dicom_node.pipeline import Question, SeriesOutputs, interpret_series
@@ -43,7 +44,7 @@ from inference.slicing import SlicingError
 from storage.database import make_engine, make_sessionmaker
 from storage.files import FileStore
 from storage.index import IndexWriter
-from storage.models import Instance, Job
+from storage.models import Instance, Job, now_utc
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class JobService:
         _service = self
         self.started_at = now_utc()
         with self.sessions() as session, session.begin():
-            interrupted = requeue_interrupted(session)
+            interrupted = requeue_interrupted(session, self.config.jobs.max_attempts, self.started_at)
         if interrupted:
             logger.warning("jobs %s were running when the node stopped; queued again", interrupted)
         self._loader = threading.Thread(target=self._load_models, name="model-load", daemon=True)
@@ -181,12 +182,14 @@ class JobService:
         try:
             outputs = self.work(claim)
             stored = self._store(outputs)
+            # In the try: a failed finish (database locked) is retried, else the job stays "running" until a
+            # restart; the retry files the same SOP Instance UIDs, so the PACS still gets one SEG and one SR.
+            self._done(job_id, outputs, stored)
         except PERMANENT_ERRORS as exc:
             self._failed(job_id, exc, retry=False)
         except Exception as exc:  # noqa: BLE001 - any other failure is retried with backoff, then shown
             self._failed(job_id, exc, retry=True)
         else:
-            self._done(job_id, outputs, stored)
             self.on_results()
 
     def work(self, claim: Claim) -> SeriesOutputs:

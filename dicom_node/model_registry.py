@@ -4,7 +4,6 @@ checkpoint the node ships with until one is. Training only registers versions; i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -12,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import ACTIVE_MODEL
 from inference.model.card import CARD_FILE, ModelCard
-from storage.models import ModelVersion
+from storage.models import ModelVersion, now_utc
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 
@@ -30,15 +29,11 @@ class ModelEntry:
     card: ModelCard | None
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
 def register(session: Session, folder: Path, version: str) -> None:
     """Record a trained checkpoint (inactive); registering a version again updates its folder."""
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if row is None:
-        session.add(ModelVersion(version=version, path=str(folder.resolve()), created_at=_now()))
+        session.add(ModelVersion(version=version, path=str(folder.resolve()), created_at=now_utc()))
     else:
         row.path = str(folder.resolve())
 
@@ -54,7 +49,7 @@ def activate(session: Session, version: str) -> Path:
     if not (Path(row.path) / CARD_FILE).is_file():
         raise UnknownModelError(f"{version}: {row.path} no longer holds a checkpoint")
     session.execute(update(ModelVersion).values(active=False))
-    row.active, row.activated_at = True, _now()
+    row.active, row.activated_at = True, now_utc()
     return Path(row.path)
 
 

@@ -1,10 +1,11 @@
 """The outbox: results wait in the database until a destination has them, whatever restarts in between.
 
 Delivery is at-least-once with stable SOP Instance UIDs, so a resend replaces rather than duplicates.
-Each destination is sent to on its own association with its own timeouts, so an unreachable PACS delays
-only its own items. A failed attempt is retried after 30 s, doubling up to 10 min; after 10 attempts the
-item is "failed" (the dead letter) until an administrator resends it. No database transaction is open
-while the network is used: due items are read, sent, then the outcomes are recorded.
+Each destination is sent to on its own thread and association, with its own timeouts (connecting included),
+so an unreachable PACS delays only its own items. A failed attempt is retried after 30 s, doubling up to
+10 min, then every 10 min; an item still not delivered 7 days after its first attempt (and after at least
+10 attempts) is "failed" (the dead letter) until an administrator resends it. No database transaction is
+open while the network is used: due items are read, sent, then each destination's outcomes are recorded.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import dcmread
@@ -22,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig, Permission
-from storage.models import Delivery, DeliveryAttempt
+from storage.models import Delivery, DeliveryAttempt, now_utc
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +33,23 @@ PENDING, SENT, FAILED = "pending", "sent", "failed"
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """When a failed delivery is tried again, and when it is given up (dead-lettered).
+
+    Giving up is time-based, so that a PACS outage of hours or days is waited out at ``max_delay_s``; the
+    ``min_attempts`` floor keeps a node that was itself down that long from giving up on its first try back."""
+
     first_delay_s: float = 30.0
     max_delay_s: float = 600.0
-    max_attempts: int = 10
-    timeout_s: float = 30.0
+    give_up_after_s: float = 7 * 24 * 3600.0  # counted from the first attempt (since the last resend)
+    min_attempts: int = 10
+    timeout_s: float = 30.0  # connecting, association negotiation, each DIMSE message, network idle
 
     def delay(self, attempts: int) -> timedelta:
         return timedelta(seconds=min(self.first_delay_s * 2 ** max(attempts - 1, 0), self.max_delay_s))
+
+    def gives_up(self, attempts: int, trying_for: timedelta) -> bool:
+        """Whether ``attempts`` failed attempts over ``trying_for`` since the first one make a dead letter."""
+        return attempts >= self.min_attempts and trying_for.total_seconds() >= self.give_up_after_s
 
 
 @dataclass(frozen=True)
@@ -46,10 +58,6 @@ class Due:
     path: Path
     sop_class_uid: str
     destination: str
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def enqueue(sessions: sessionmaker[Session], sop_instance_uid: str, sop_class_uid: str, path: str, destination: str) -> int:
@@ -67,7 +75,8 @@ def add_delivery(session: Session, sop_instance_uid: str, sop_class_uid: str, pa
                             destination=destination, created_at=now_utc(), next_attempt_at=now_utc())
         session.add(delivery)
     else:
-        delivery.path, delivery.status, delivery.next_attempt_at = path, PENDING, now_utc()
+        # Fresh attempts, as resend() gives: a job's retry must not re-queue a dead letter one attempt from failing.
+        delivery.path, delivery.status, delivery.next_attempt_at, delivery.attempts = path, PENDING, now_utc(), 0
     session.flush()
     return delivery.id
 
@@ -134,7 +143,8 @@ class DeliveryLoop:
 
 def deliver_due(config: NodeConfig, sessions: sessionmaker[Session], storage: Path,
                 policy: RetryPolicy = RetryPolicy()) -> dict[str, int]:
-    """Send everything due, destination by destination; returns counts of sent and failed attempts."""
+    """Send everything due, each destination on its own thread (one that hangs delays only its own items);
+    each destination's outcomes are recorded as soon as it is done. Returns counts of sent and failed attempts."""
     with sessions() as session:
         rows = session.scalars(select(Delivery).where(Delivery.status == PENDING, Delivery.next_attempt_at <= now_utc())
                                .order_by(Delivery.id)).all()
@@ -143,11 +153,15 @@ def deliver_due(config: NodeConfig, sessions: sessionmaker[Session], storage: Pa
     for item in due:
         by_destination[item.destination].append(item)
     counts = {"sent": 0, "failed": 0}
-    for destination, items in by_destination.items():
-        outcomes = _send(config, destination, items, policy)
-        _record(sessions, outcomes, policy)
-        counts["sent"] += sum(1 for ok, _ in outcomes.values() if ok)
-        counts["failed"] += sum(1 for ok, _ in outcomes.values() if not ok)
+    if not by_destination:
+        return counts
+    with ThreadPoolExecutor(len(by_destination), thread_name_prefix="delivery") as pool:
+        sending = [pool.submit(_send, config, destination, items, policy) for destination, items in by_destination.items()]
+        for done in as_completed(sending):
+            outcomes = done.result()
+            _record(sessions, outcomes, policy)
+            counts["sent"] += sum(1 for ok, _ in outcomes.values() if ok)
+            counts["failed"] += sum(1 for ok, _ in outcomes.values() if not ok)
     return counts
 
 
@@ -156,7 +170,8 @@ def _send(config: NodeConfig, destination: str, items: list[Due], policy: RetryP
     if peer is None or not peer.may(Permission.DESTINATION) or not peer.host:
         return {i.id: (False, f"{destination} is not a configured destination") for i in items}
     ae = AE(ae_title=config.node.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = policy.timeout_s
+    # connection_timeout too: pynetdicom's default (None) blocks on a destination that drops packets.
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = policy.timeout_s
     for sop_class in {i.sop_class_uid for i in items}:
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
@@ -168,7 +183,7 @@ def _send(config: NodeConfig, destination: str, items: list[Due], policy: RetryP
         for item in items:
             try:
                 status = assoc.send_c_store(dcmread(item.path))
-            except (OSError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad item (a damaged file) is its own failed attempt
                 outcomes[item.id] = (False, f"{type(exc).__name__}: {exc}"[:255])
                 continue
             code = int(status.Status) if "Status" in status else -1
@@ -189,17 +204,28 @@ def _record(sessions: sessionmaker[Session], outcomes: dict[int, tuple[bool, str
     with sessions() as session, session.begin():
         for delivery_id, (ok, detail) in outcomes.items():
             delivery = session.get(Delivery, delivery_id)
+            first = _first_attempt(session, delivery, at)
             delivery.attempts += 1
             session.add(DeliveryAttempt(delivery_fk=delivery_id, at=at, succeeded=ok, detail=detail))
             if ok:
                 delivery.status, delivery.sent_at, delivery.last_error = SENT, at, ""
                 continue
             delivery.last_error = detail
-            if delivery.attempts >= policy.max_attempts:
+            if policy.gives_up(delivery.attempts, at - first):
                 delivery.status = FAILED
-                logger.error("delivery %d of %s to %s failed %d times: %s", delivery_id, delivery.sop_instance_uid,
-                             delivery.destination, delivery.attempts, detail)
+                logger.error("delivery %d of %s to %s failed %d times since %s: %s", delivery_id, delivery.sop_instance_uid,
+                             delivery.destination, delivery.attempts, first, detail)
             else:
                 delivery.next_attempt_at = at + policy.delay(delivery.attempts)
                 logger.warning("delivery %d to %s: %s; retry %d in %s", delivery_id, delivery.destination, detail,
                                delivery.attempts + 1, policy.delay(delivery.attempts))
+
+
+def _first_attempt(session: Session, delivery: Delivery, at: datetime) -> datetime:
+    """When the current run of attempts began: the oldest of the latest ``attempts`` recorded (a resend or a
+    job's retry resets ``attempts``, so older history does not count); ``at`` for a first attempt."""
+    if delivery.attempts == 0:
+        return at
+    latest = (select(DeliveryAttempt.at).where(DeliveryAttempt.delivery_fk == delivery.id)
+              .order_by(DeliveryAttempt.id.desc()).limit(delivery.attempts))
+    return min(session.scalars(latest), default=at)

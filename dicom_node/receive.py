@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
 from dicom_node.ingest import InvalidInstanceError, file_meta_bytes, read_header, to_record
 from storage.files import FileStore, StorageFullError
-from storage.index import AddResult, IndexWriteError, IndexWriter, is_indexed
+from storage.index import AddResult, IndexWriteError, IndexWriter
+from storage.models import Instance, now_utc
 from storage.uids import InvalidUIDError, validate_uid
 
 logger = logging.getLogger(__name__)
@@ -57,16 +58,18 @@ class InstanceReceiver:
             logger.error("could not store instance %s: %s", _safe(request.sop_instance_uid), type(exc).__name__)
             return status.OUT_OF_RESOURCES
 
-    def _already_indexed(self, sop_uid: str) -> bool:
+    def _indexed_here(self, sop_uid: str, path: Path) -> bool:
+        """Whether the instance is indexed at ``path`` (indexed elsewhere, a file at ``path`` is stale)."""
         with self.sessions() as session:
-            return is_indexed(session, sop_uid)
+            indexed = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))
+        return indexed == self.files.relative(path)
 
     def _remove_unless_indexed(self, path: Path, sop_uid: str) -> None:
         """After a failed commit: remove the file, unless the row is there after all (a commit that failed
         after committing). Where the index cannot even be asked, the file stays: start-up recovery indexes a
         complete file whose commit was interrupted, and the sender, told to retry, gets a duplicate's success."""
         try:
-            indexed = self._already_indexed(sop_uid)
+            indexed = self._indexed_here(sop_uid, path)
         except SQLAlchemyError:
             return
         if not indexed:
@@ -80,7 +83,7 @@ class InstanceReceiver:
             raise InvalidInstanceError(status.INVALID_UID, str(exc)) from None
         meta = file_meta_bytes(request.sop_class_uid, sop_uid, request.transfer_syntax_uid, request.calling_ae_title)
         header = read_header(meta, request.dataset, request.transfer_syntax_uid)
-        record = to_record(header, request.transfer_syntax_uid, request.calling_ae_title, datetime.now(timezone.utc))
+        record = to_record(header, request.transfer_syntax_uid, request.calling_ae_title, now_utc())
         if record.sop_instance_uid != sop_uid or record.sop_class_uid != request.sop_class_uid:
             raise InvalidInstanceError(
                 status.DATASET_MISMATCH,
@@ -88,7 +91,7 @@ class InstanceReceiver:
             )
         path = self.files.path_for(record.study_instance_uid, record.series_instance_uid, sop_uid)
         with self.files.instance_lock(sop_uid):  # another association may be storing this very instance
-            if path.is_file() and self._already_indexed(sop_uid):
+            if path.is_file() and self._indexed_here(sop_uid, path):
                 logger.info("instance %s already stored; duplicate acknowledged", sop_uid)
                 return status.SUCCESS
             folder = self.files.write(path, [meta, request.dataset], sync_dir=False)

@@ -3,7 +3,8 @@
 Four behaviour-preserving replacements, all installed by :func:`install`:
 
 - pynetdicom reads a PDU in 4 KiB ``recv`` calls (about 130 calls and GIL hand-offs for one 512x512 CT
-  instance); :func:`_recv_whole` reads into a buffer of the PDU's full size with ``recv_into``. It still
+  instance); :func:`_recv_whole` reads with ``recv_into`` into one buffer, grown as the bytes arrive (a
+  PDU length is the peer's claim), and refuses a PDU longer than our maximum PDU length plus 1 MiB. It still
   blocks until the requested bytes are read and returns what it has if the peer closes the connection.
 - Every DIMSE command set (implicit VR little endian, group 0000) was encoded through pydicom's
   ``write_dataset``, twice per response: 16 % of the node's CPU per instance. :func:`encode_command` writes
@@ -41,22 +42,40 @@ from pynetdicom import dsutils
 from pynetdicom.transport import AssociationSocket
 
 _MAX_CHUNK = 4 * 2**20
+_PDU_MARGIN = 2**20
 _installed = False
+
+
+class PDUTooLargeError(OSError):
+    """A peer announced a PDU longer than the node accepts (an OSError: pynetdicom then closes the connection)."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"peer announced a PDU of {length} bytes; the node accepts at most {limit}")
 
 
 def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
     sock = self.socket
     assert sock is not None
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    limit = _largest_pdu(self)
+    if limit is not None and nr_bytes > limit:
+        raise PDUTooLargeError(nr_bytes, limit)
+    buffer = bytearray(min(nr_bytes, _MAX_CHUNK))  # grown as data arrives: a PDU length is only a claim
     nr_read = 0
     while nr_read < nr_bytes:
-        count = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, _MAX_CHUNK))
+        if nr_read == len(buffer):
+            buffer += bytes(min(len(buffer), nr_bytes - nr_read))
+        with memoryview(buffer) as view:
+            count = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, _MAX_CHUNK))
         if not count:
-            del view
             return buffer[:nr_read]
         nr_read += count
     return buffer
+
+
+def _largest_pdu(sock: AssociationSocket) -> int | None:
+    """Our maximum PDU length plus a margin (an A-ASSOCIATE-RQ is not bound by it); None when unlimited."""
+    maximum = getattr(getattr(getattr(sock, "_assoc", None), "ae", None), "maximum_pdu_size", 0)
+    return maximum + _PDU_MARGIN if maximum else None
 
 
 _INT_VRS = {"US": "<H", "UL": "<I"}
@@ -77,10 +96,10 @@ def encode_command(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, de
         elif element.VR in _INT_VRS:
             raw = struct.pack(_INT_VRS[element.VR], value)
         elif element.VR == "UI":
-            raw = str(value).encode("ascii")
+            raw = str(value).encode("latin-1")  # as pydicom writes it: a sender's bad UID is echoed, not fatal
             raw += b"\x00" * (len(raw) % 2)
         elif element.VR in _TEXT_VRS:
-            raw = str(value).encode("ascii")
+            raw = str(value).encode("latin-1")
             raw += b" " * (len(raw) % 2)
         else:
             return dsutils.encode(ds, is_implicit_vr, is_little_endian, deflated)

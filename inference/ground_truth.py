@@ -87,8 +87,10 @@ def _slice_by_reference(per_frame: Dataset, shared: Dataset, by_source: dict[Sli
                 uid = str(source.ReferencedSOPInstanceUID)
                 frames = source.get("ReferencedFrameNumber")
                 frame = int(frames[0] if isinstance(frames, (list, MultiValue)) else frames) if frames else None
-                # A frame number on a single-frame source (often "1") still names that instance.
-                k = (by_source.get(SliceRef(uid, frame)) if frame else None) or by_instance.get(uid)
+                # A frame number on a single-frame source (often "1") still names that instance; slice 0 is found.
+                k = by_source.get(SliceRef(uid, frame)) if frame else None
+                if k is None:
+                    k = by_instance.get(uid)
                 if k is not None:
                     return k
     return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -165,13 +165,13 @@ class InstanceInserter:
         """Insert the instance and its patient, study and series rows where missing.
 
         The INSERT is ON CONFLICT DO NOTHING, so two workers storing the same instance at once cannot both
-        insert it.
+        insert it. Whether it inserted is read from RETURNING: PostgreSQL's rowcount is -1 there.
         """
         existing = connection.execute(_SELECT_INSTANCE_PATH, {"uid": record.sop_instance_uid}).scalar()
         if existing is None:  # checked first: a refused instance must not leave patient/study/series rows
             fields = dict(vars(record))  # shallow: dataclasses.asdict deep-copies every value
             row = {"series_fk": self._series_key(connection, record, fields), **_pick(fields, Instance)}
-            if connection.execute(_insert_if_new(connection), row).rowcount == 1:
+            if connection.execute(_insert_if_new(connection, Instance), row).scalar() is not None:
                 return AddResult.NEW
             existing = connection.execute(_SELECT_INSTANCE_PATH, {"uid": record.sop_instance_uid}).scalar()
         return AddResult.DUPLICATE if existing == record.path else AddResult.CONFLICT
@@ -191,28 +191,41 @@ class InstanceInserter:
             study_values = {"patient_fk": patient_key, **_pick(fields, Study)}
             study_key = _get_or_insert(connection, _SELECT_STUDY, {"uid": record.study_instance_uid}, Study, study_values)
             values = _pick(fields, Series) | {"study_fk": study_key, "first_received_at": record.received_at}
-            key = connection.execute(insert(Series).values(**values)).inserted_primary_key[0]
+            key = _get_or_insert(connection, _SELECT_SERIES, {"uid": uid}, Series, values)
         self._series_keys[uid] = key
         return key
 
 
+# Each row's unique key. Patient, study and series rows are inserted ON CONFLICT DO NOTHING too: two worker
+# processes may create the same one at once, and on PostgreSQL the second failed on the unique key.
+_UNIQUE_KEYS: dict[type, list[str]] = {
+    Patient: ["patient_id", "patient_name"],
+    Study: ["study_instance_uid"],
+    Series: ["series_instance_uid"],
+    Instance: ["sop_instance_uid"],
+}
 _INSERT_IF_NEW = {
-    name: dialect.insert(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    (name, model): dialect.insert(model).on_conflict_do_nothing(index_elements=keys).returning(model.id)  # type: ignore[attr-defined]
     for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+    for model, keys in _UNIQUE_KEYS.items()
 }
 
 
-def _insert_if_new(connection: Connection) -> Any:
+def _insert_if_new(connection: Connection, model: type) -> Any:
+    """The INSERT ... ON CONFLICT DO NOTHING RETURNING id of ``model`` for this connection's database."""
     try:
-        return _INSERT_IF_NEW[connection.dialect.name]
+        return _INSERT_IF_NEW[connection.dialect.name, model]
     except KeyError:
         raise NotImplementedError(f"index database {connection.dialect.name!r}: use SQLite or PostgreSQL") from None
 
 
 def _get_or_insert(connection: Connection, query: Any, keys: dict[str, str], model: type, values: dict[str, Any]) -> int:
+    """The row's primary key, inserting the row if missing (or reading the one another worker just inserted)."""
     key = connection.execute(query, keys).scalar()
     if key is None:
-        key = connection.execute(insert(model).values(**values)).inserted_primary_key[0]
+        key = connection.execute(_insert_if_new(connection, model), values).scalar()
+    if key is None:  # another worker process inserted it since our SELECT
+        key = connection.execute(query, keys).scalar_one()
     return key
 
 

@@ -6,10 +6,16 @@ without opening a file. Column names follow the DICOM keywords they come from.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+def now_utc() -> datetime:
+    """Now as naive UTC: every time in the index is stored so (a time-zone-aware value is shifted into the
+    PostgreSQL session's zone, and completion compares arrival times with this)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
 
 # The values an SQL INTEGER column holds on every database the node supports (PostgreSQL's int4).
 SQL_INTEGER_RANGE = range(-(2**31), 2**31)

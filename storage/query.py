@@ -85,15 +85,22 @@ def find(session: Session, level: QueryLevel, identifier: dict[str, str], limit:
         condition = _condition(KEYS[keyword], value)
         if condition is not None:
             stmt = stmt.where(condition)
-    if level == QueryLevel.STUDY and identifier.get("ModalitiesInStudy"):
-        wanted = [m for m in identifier["ModalitiesInStudy"].split("\\") if m]
-        stmt = stmt.where(Study.id.in_(select(Series.study_fk).where(Series.modality.in_(wanted))))
+    if level == QueryLevel.STUDY:
+        stmt = _where_modalities_in_study(stmt, identifier.get("ModalitiesInStudy", ""))
     rows = session.execute(stmt.limit(limit + 1)).all()
     if len(rows) > limit:
         logger.warning("C-FIND at %s level matched more than %d entities; answering the first %d", level.value, limit, limit)
     for row in rows[:limit]:
         patient, study, series, instance = (list(row) + [None, None])[:4]
         yield _answer(session, identifier, patient, study, series, instance)
+
+
+def _where_modalities_in_study(stmt: Select[Any], value: str) -> Select[Any]:
+    """Keep the studies with a series whose Modality matches one of the values (``*`` alone: every study)."""
+    condition = _condition(KEYS["Modality"], value)
+    if condition is None:
+        return stmt
+    return stmt.where(Study.id.in_(select(Series.study_fk).where(condition)))
 
 
 def _base_select(level: QueryLevel) -> Select[Any]:
@@ -126,7 +133,10 @@ def _condition(key: Key, value: str) -> ColumnElement[bool] | None:
             raise QueryError(f"range {value!r} has neither start nor end")
         return and_(*parts)
     if key.match in (Match.EXACT, Match.NAME, Match.RANGE) and "\\" in str(value):
-        return or_(*[_condition(key, v) for v in str(value).split("\\")])  # type: ignore[misc]
+        alternatives = [_condition(key, v) for v in str(value).split("\\") if v.strip()]
+        if not alternatives or any(a is None for a in alternatives):
+            return None  # "*" among the values matches everything
+        return or_(*alternatives)  # type: ignore[misc]
     text = str(value)
     if "*" in text or "?" in text:
         pattern = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

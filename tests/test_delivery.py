@@ -16,7 +16,7 @@ from storage.models import Delivery
 from tests.localpeers import orthanc, orthanc_find, storescu, write_node_config
 from tests.test_outputs_seg import ALGORITHM, series_with_lesions  # noqa: F401 - fixture
 
-NOW = RetryPolicy(first_delay_s=0.0, max_attempts=3, timeout_s=5.0)
+NOW = RetryPolicy(first_delay_s=0.0, give_up_after_s=0.0, min_attempts=3, timeout_s=5.0)  # dead letter at the 3rd failure
 
 
 @pytest.fixture

@@ -109,3 +109,29 @@ def test_training_samples_use_the_inference_pipeline(tmp_path):
     drawn = np.zeros((1, 64, 48), dtype=bool)
     drawn[0, 20:40, 10:30] = True
     np.testing.assert_array_equal(samples[k].masks, expected.transform.mask_to_model(drawn))
+
+
+def test_seg_of_a_multi_frame_series_lands_by_frame_reference_on_slice_0_too(tmp_path):
+    """The frame that lies on slice 0 read as "not found" (index 0 is falsy): the SEG fell back to positions,
+    and where those could not place it (another frame of reference) was refused as referencing no instance."""
+    import highdicom as hd
+
+    singles = write_slices(tmp_path / "mr", axial_positions(4, step=3.0), modality="MR", rows=32, columns=32)
+    datasets = [dcmread(p) for p in singles]
+    for ds in datasets:
+        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.Manufacturer = "20260101", "120000", 1, "test"
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path)
+    volume = load_series([path])
+    drawn = np.zeros(volume.voxels.shape, dtype=bool)
+    drawn[0, 5:10, 5:12] = True
+    drawn[2, 20:25, 10:14] = True
+    masks = np.zeros_like(drawn)  # in the multi-frame object's frame order
+    for k, ref in enumerate(volume.sources):
+        masks[ref.frame_number - 1] = drawn[k]
+    seg = write_highdicom_seg([path], masks)
+    seg.FrameOfReferenceUID = generate_uid()  # its positions cannot place a frame: only the references can
+    [segment] = read_segmentation(seg, volume)
+    np.testing.assert_array_equal(segment.mask, drawn)

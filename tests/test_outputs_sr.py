@@ -7,7 +7,7 @@ import highdicom as hd
 import pytest
 from pydicom import config
 
-from dicom_node.outputs.seg import build_seg
+from dicom_node.outputs.seg import AlgorithmInfo, build_seg
 from dicom_node.privacy import keep_patient_data_out_of_logs
 from dicom_node.outputs.sr import build_sr
 from inference.engine import Assessment, SeriesResult
@@ -72,3 +72,37 @@ def test_malformed_birth_date_and_one_part_name_still_give_valid_outputs_and_no_
         assert dciodvfy_errors(tmp_path / f"{name}.dcm") == []
         assert (written.PatientName, written.PatientBirthDate, written.StudyTime) == ("DOE", "", "")  # type 2: empty
     assert sources[0].PatientBirthDate == "1980-01-01"  # the caller's data sets are left as they were
+
+
+def _tracking(seg_path, sr_path) -> tuple[dict[int, tuple[str, str]], list[tuple[int, str, str]]]:
+    """({segment number: (Tracking UID, Tracking ID)} of the SEG, [(segment, UID, ID)] of the SR's groups)."""
+    seg = hd.seg.segread(seg_path)
+    segments = {n: (seg.get_segment_description(n).tracking_uid, seg.get_segment_description(n).tracking_id)
+                for n in seg.segment_numbers}
+    groups = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+    return segments, [(g.referenced_segment.referenced_segment_numbers[0], g.tracking_uid, g.tracking_identifier)
+                      for g in groups]
+
+
+def test_each_measurement_group_tracks_the_lesion_of_the_seg_segment_it_references(series_with_lesions, tmp_path):
+    """TID 1500 readers, and the evaluation, link a measurement to its segment by Tracking UID: the SR gave each
+    lesion a UID of its own (without the model version), unlike the SEG's."""
+    sources, volume, lesions, _ = series_with_lesions
+    result = SeriesResult(Assessment.ASSESSED, "", lesions, ALGORITHM.version)
+    written = {}
+    for name, algorithm, run in (("first", ALGORITHM, 1), ("again", ALGORITHM, 1),
+                                 ("other model", AlgorithmInfo(ALGORITHM.name, "0.2.0-test"), 1), ("run 2", ALGORITHM, 2)):
+        seg = build_seg(sources, volume, lesions, algorithm, run)
+        sr = build_sr(sources, volume, result, seg, algorithm, run)
+        seg.save_as(tmp_path / f"{name}.seg.dcm")
+        sr.save_as(tmp_path / f"{name}.sr.dcm")
+        assert dciodvfy_errors(tmp_path / f"{name}.seg.dcm") == [] and dciodvfy_errors(tmp_path / f"{name}.sr.dcm") == []
+        segments, groups = _tracking(tmp_path / f"{name}.seg.dcm", tmp_path / f"{name}.sr.dcm")
+        assert [number for number, _, _ in groups] == [1, 2]
+        for number, uid, identifier in groups:
+            assert (uid, identifier) == segments[number]
+        written[name] = [uid for _, uid, _ in groups]
+    assert len(set(written["first"])) == 2  # two lesions, two UIDs
+    assert written["again"] == written["first"]  # a retry of a run is the same objects
+    assert set(written["other model"]).isdisjoint(written["first"])  # another model's lesions are other findings
+    assert set(written["run 2"]).isdisjoint(written["first"])

@@ -93,6 +93,20 @@ def test_a_synthetic_study_round_trips_as_dicom_through_the_inference_pipeline(t
     assert item.subject == "SUBJ-1" and item.modality == "CT" and item.segmentation == empty
 
 
+
+def test_the_latest_seg_of_a_series_is_chosen_by_number_not_by_text(tmp_path):
+    """Content Date, Time and Instance Number were compared as one string: instance 9 came after instance 10."""
+    mask = np.zeros((4, 32, 40), bool)
+    mask[1:3, 10:20, 12:25] = True
+    paths = write_series(tmp_path / "ct", np.zeros(mask.shape, np.float32), SeriesHeader("SUBJ-1", "CT"), 1.5, 5.0)
+    for name, number in (("a.dcm", 10), ("b.dcm", 9)):  # b, read last, won the tie of the text comparison
+        path = write_ground_truth(tmp_path / name, paths, {"Liver tumor": mask})
+        ds = dcmread(path)
+        ds.ContentDate, ds.ContentTime, ds.InstanceNumber = "20260101", "120000", number
+        ds.save_as(path)
+    [item] = from_folder(tmp_path)
+    assert item.segmentation == tmp_path / "a.dcm"
+
 def test_the_split_never_puts_one_subject_on_both_sides():
     items = [LabeledSeries(f"S{i // 2}", "CT" if i % 4 < 2 else "MR", [Path(f"{i}")], Path("seg")) for i in range(40)]
     train, held_out = split_by_subject(items, held_out=0.25, seed=1)
@@ -103,6 +117,38 @@ def test_the_split_never_puts_one_subject_on_both_sides():
         assert len(subjects) == 2  # a quarter of each modality's 10 subjects, rounded
     assert split_by_subject(items, 0.25, 1) == (train, held_out)
 
+
+
+def test_a_subject_with_a_ct_and_an_mr_is_held_out_in_both_or_neither():
+    """Held-out subjects were drawn per modality: a patient with both in the store could train in one and be
+    scored in the other."""
+    both = [LabeledSeries(f"P{i}", m, [Path(f"{m}{i}")], Path("seg")) for i in range(20) for m in ("CT", "MR")]
+    single = [LabeledSeries(f"{m}-only-{i}", m, [Path(f"{m}-only-{i}")], Path("seg"))
+              for m, count in (("CT", 8), ("MR", 16)) for i in range(count)]
+    items = both + single
+    train, held_out = split_by_subject(items, held_out=0.25, seed=0)
+    assert {i.subject for i in train}.isdisjoint({i.subject for i in held_out})
+    assert sorted(str(i.series[0]) for i in train + held_out) == sorted(str(i.series[0]) for i in items)
+    for modality in ("CT", "MR"):
+        subjects = {i.subject for i in items if i.modality == modality}
+        chosen = {i.subject for i in held_out if i.modality == modality}
+        assert abs(len(chosen) / len(subjects) - 0.25) < 0.05  # about a quarter of each modality
+    assert split_by_subject(items, 0.25, 0) == (train, held_out)
+
+
+def test_the_synthetic_split_is_each_modalitys_own_draw():
+    """Synthetic subjects have one modality each: their split (and so the shipped model's held-out figures, and
+    the benchmarks that name the held-out subjects) stays held_out_subjects of each modality's names, the
+    items in modality order as training has always read them."""
+    from training.sources import held_out_subjects, synthetic_subject
+
+    for mr, ct in ((80, 80), (160, 80), (160, 0), (40, 40)):
+        names = {m: [synthetic_subject(m, i) for i in range(count)] for m, count in (("MR", mr), ("CT", ct))}
+        items = [LabeledSeries(name, m, [Path(name)], Path("seg")) for m, subjects in names.items() for name in subjects]
+        chosen = held_out_subjects(names["MR"]) | held_out_subjects(names["CT"])
+        in_order = [i for m in ("CT", "MR") for i in items if i.modality == m]
+        assert split_by_subject(items) == ([i for i in in_order if i.subject not in chosen],
+                                           [i for i in in_order if i.subject in chosen])
 
 def test_the_store_gives_the_readers_latest_seg_and_never_the_nodes_own(running_node, tmp_path):
     from dicom_node.outputs.seg import AlgorithmInfo, build_seg

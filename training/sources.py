@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -44,7 +45,7 @@ class LabeledSeries:
 def from_folder(folder: Path, modality: str | None = None, label: str | None = None) -> list[LabeledSeries]:
     """Every series under ``folder`` that a SEG in the folder refers to (the latest SEG per series)."""
     series_files: dict[str, list[Path]] = {}
-    segs: dict[str, tuple[str, Path, tuple[str, ...]]] = {}  # referenced series -> (content date+time, path, labels)
+    segs: dict[str, tuple[tuple[str, float, int], Path, tuple[str, ...]]] = {}  # referenced series -> (order, path, labels)
     info: dict[str, tuple[str, str]] = {}  # series -> (patient id, modality)
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".partial"):
         try:
@@ -55,7 +56,7 @@ def from_folder(folder: Path, modality: str | None = None, label: str | None = N
             ground_truth = _ground_truth(ds)
             if ground_truth is not None:
                 referenced, labels = ground_truth
-                stamp = f"{ds.get('ContentDate', '')}{ds.get('ContentTime', '')}{ds.get('InstanceNumber', '')}"
+                stamp = _seg_order(ds)
                 if referenced not in segs or stamp >= segs[referenced][0]:
                     segs[referenced] = (stamp, path, labels)
             continue
@@ -72,6 +73,21 @@ def from_folder(folder: Path, modality: str | None = None, label: str | None = N
         subject, series_modality = info[uid]
         found.append(LabeledSeries(subject or uid, series_modality, series_files[uid], seg, labels))
     return _filtered(found, modality, label)
+
+
+def _seg_order(ds: Dataset) -> tuple[str, float, int]:
+    """(Content Date, Content Time as HHMMSS.F, Instance Number) of a SEG, as values: the latest SEG of a series has
+    the greatest (compared as one text, instance 9 came after 10). A malformed time or number counts as 0."""
+    whole, _, fraction = str(ds.get("ContentTime", "") or "").partition(".")
+    try:
+        time = float(f"{whole.ljust(6, '0')}.{fraction or '0'}")
+    except ValueError:
+        time = 0.0
+    try:
+        number = int(ds.get("InstanceNumber", "") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    return str(ds.get("ContentDate", "") or ""), time, number
 
 
 def _ground_truth(ds) -> tuple[str, tuple[str, ...]] | None:  # type: ignore[no-untyped-def]
@@ -186,10 +202,19 @@ def _write_study(target: Path, study: SyntheticStudy, default_label: str) -> Non
 
 
 def split_by_subject(items: list[LabeledSeries], held_out: float = 0.25, seed: int = 0) -> tuple[list[LabeledSeries], list[LabeledSeries]]:
-    """(training, evaluation): whole subjects, about ``held_out`` of the subjects of each modality held out."""
+    """(training, evaluation): whole subjects, about ``held_out`` of the subjects of each modality held out.
+
+    One draw per set of modalities (CT only, MR only, CT and MR): a subject with a CT and an MR is held out in
+    both or neither, and subjects of one modality each (the synthetic data) split as per-modality draws always did.
+    """
+    modalities: dict[str, set[str]] = {}
+    for item in items:
+        modalities.setdefault(item.subject, set()).add(item.modality)
+    chosen: set[str] = set()
+    for group in {frozenset(m) for m in modalities.values()}:
+        chosen |= held_out_subjects([s for s, m in modalities.items() if m == group], held_out, seed)
     train, evaluate = [], []
-    for modality in sorted({i.modality for i in items}):
-        chosen = held_out_subjects([i.subject for i in items if i.modality == modality], held_out, seed)
+    for modality in sorted({i.modality for i in items}):  # the order training has always read them in
         for item in items:
             if item.modality == modality:
                 (evaluate if item.subject in chosen else train).append(item)
@@ -197,8 +222,9 @@ def split_by_subject(items: list[LabeledSeries], held_out: float = 0.25, seed: i
 
 
 def held_out_subjects(subjects: list[str], held_out: float = 0.25, seed: int = 0) -> set[str]:
-    """The subjects of one modality that :func:`split_by_subject` holds out. A function of the set of names and
-    the seed only: a run on more subjects holds out others, which is why comparing two runs needs both splits."""
+    """The subjects of one modality, or one set of modalities, that :func:`split_by_subject` holds out. A function
+    of the set of names and the seed only: a run on more subjects holds out others, which is why comparing two
+    runs needs both splits."""
     names = sorted(set(subjects))
     order = np.random.default_rng([seed, len(names)]).permutation(len(names))
     count = max(1, round(held_out * len(names))) if len(names) > 1 else 0

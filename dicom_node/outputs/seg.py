@@ -17,7 +17,7 @@ from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
 from dicom_node.outputs.codes import codes_for
-from dicom_node.outputs.uids import output_uids, stable_uid
+from dicom_node.outputs.uids import output_uids, tracking_uid
 from inference.findings import Lesion
 from inference.slicing import Volume
 
@@ -70,7 +70,7 @@ def build_seg(sources: list[Dataset], volume: Volume, lesions: list[Lesion], alg
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
                 name=algorithm.name, version=algorithm.version, family=hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence")),
-            tracking_uid=stable_uid(volume.series_instance_uid, algorithm.version, "SEG", "segment", str(number)),
+            tracking_uid=tracking_uid(volume.series_instance_uid, algorithm.version, number, run),
             tracking_id=label,
         )
         for number, (label, lesion) in enumerate(zip(segment_labels(lesions), lesions), start=1)

@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node.outputs.codes import codes_for
 from dicom_node.outputs.seg import AlgorithmInfo, segment_labels, sources_with_type2
-from dicom_node.outputs.uids import output_uids, stable_uid
+from dicom_node.outputs.uids import output_uids, stable_uid, tracking_uid
 from inference.engine import Assessment, SeriesResult
 from inference.findings import Lesion
 from inference.slicing import Volume
@@ -52,7 +52,8 @@ def build_sr(sources: list[Dataset], volume: Volume, result: SeriesResult, seg: 
         if seg is None:
             raise ValueError("lesions need their SEG to be referenced")
         sop_classes = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in sources}
-        groups = [_lesion_group(volume, lesion, label, number, seg, sop_classes)
+        groups = [_lesion_group(lesion, label, number, tracking_uid(volume.series_instance_uid, algorithm.version, number, run),
+                                seg, sop_classes)
                   for number, (label, lesion) in enumerate(zip(segment_labels(result.lesions), result.lesions), start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
@@ -81,8 +82,9 @@ def _statement(volume: Volume, value: Code, text: str) -> hd.sr.MeasurementsAndQ
     )
 
 
-def _lesion_group(volume: Volume, lesion: Lesion, label: str, number: int, seg: Dataset,
+def _lesion_group(lesion: Lesion, label: str, number: int, uid: str, seg: Dataset,
                   sop_classes: dict[str, str]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """The group of SEG segment ``number``, with its Tracking UID ``uid`` and Tracking ID ``label``: the segment's own."""
     coded = codes_for(lesion.label)
     qualitative = [hd.sr.QualitativeEvaluation(name=RELIABILITY, value=LEVELS[lesion.reliability.value])]
     measurements = [
@@ -93,8 +95,7 @@ def _lesion_group(volume: Volume, lesion: Lesion, label: str, number: int, seg: 
     source_images = [hd.sr.SourceImageForSegmentation(sop_classes[ref.sop_instance_uid], ref.sop_instance_uid)
                      for ref in lesion.sources]
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=stable_uid(volume.series_instance_uid, "lesion", label), identifier=label),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
             source_images=source_images),

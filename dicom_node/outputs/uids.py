@@ -22,3 +22,11 @@ def output_uids(source_series_uid: str, model_version: str, kind: str, run: int 
     extra = () if run == 1 else (f"run {run}",)
     return (stable_uid(source_series_uid, model_version, kind, "series", *extra),
             stable_uid(source_series_uid, model_version, kind, "instance", *extra))
+
+
+def tracking_uid(source_series_uid: str, model_version: str, segment_number: int, run: int = 1) -> str:
+    """The Tracking UID of the lesion in SEG segment ``segment_number``, shared by the SEG and the SR's measurement
+    group (TID 1500 readers link the two by it). Another model version or run is another finding; run 1 keeps the
+    parts the SEG has always used, so SEGs already sent keep their UIDs."""
+    extra = () if run == 1 else (f"run {run}",)
+    return stable_uid(source_series_uid, model_version, "SEG", "segment", str(segment_number), *extra)
