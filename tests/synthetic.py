@@ -75,3 +75,20 @@ def write_toy_ct(folder: Path, pattern: str = "-FFF--", description: str = "Toy 
     from benchmarks.ct_series import write_ct_slices
 
     return write_ct_slices(folder, toy_ct_images(pattern), field_of_view_mm=256.0, description=description)
+
+
+def write_legacy_enhanced_mr(folder: Path, count: int, **slice_options: int) -> tuple[list[Path], Path]:
+    """``count`` single-frame MR slices and the Legacy Converted Enhanced MR image made of them (highdicom):
+    (the single-frame files, the multi-frame file)."""
+    import highdicom as hd
+    from pydicom import dcmread
+
+    singles = write_slices(folder / "mr", axial_positions(count, step=3.0), modality="MR", **slice_options)
+    datasets = [dcmread(p) for p in singles]
+    for ds in datasets:
+        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.Manufacturer = "20260101", "120000", 1, "test"
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    path = folder / "enhanced.dcm"
+    enhanced.save_as(path)
+    return singles, path

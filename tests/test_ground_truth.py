@@ -9,7 +9,7 @@ from inference.frames import SlicingError
 from inference.ground_truth import read_segmentation
 from inference.slicing import load_series
 from tests.realfiles import real_file
-from tests.synthetic import axial_positions, write_slices
+from tests.synthetic import axial_positions, write_legacy_enhanced_mr, write_slices
 
 
 def liver_like_series(tmp_path, same_uids: bool, same_frame: bool = True):
@@ -114,16 +114,7 @@ def test_training_samples_use_the_inference_pipeline(tmp_path):
 def test_seg_of_a_multi_frame_series_lands_by_frame_reference_on_slice_0_too(tmp_path):
     """The frame that lies on slice 0 read as "not found" (index 0 is falsy): the SEG fell back to positions,
     and where those could not place it (another frame of reference) was refused as referencing no instance."""
-    import highdicom as hd
-
-    singles = write_slices(tmp_path / "mr", axial_positions(4, step=3.0), modality="MR", rows=32, columns=32)
-    datasets = [dcmread(p) for p in singles]
-    for ds in datasets:
-        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.Manufacturer = "20260101", "120000", 1, "test"
-    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
-        legacy_datasets=datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
-    path = tmp_path / "enhanced.dcm"
-    enhanced.save_as(path)
+    _, path = write_legacy_enhanced_mr(tmp_path, 4, rows=32, columns=32)
     volume = load_series([path])
     drawn = np.zeros(volume.voxels.shape, dtype=bool)
     drawn[0, 5:10, 5:12] = True

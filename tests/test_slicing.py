@@ -9,7 +9,7 @@ from pydicom import dcmread
 from inference.frames import SlicingError
 from inference.slicing import GantryTiltError, MultipleStacksError, load_series, load_stacks
 from tests.realfiles import real_file
-from tests.synthetic import axial_positions, write_slices
+from tests.synthetic import axial_positions, write_legacy_enhanced_mr, write_slices
 
 
 def test_single_frame_ct_is_in_hounsfield_units():
@@ -39,16 +39,7 @@ def test_enhanced_ct_multi_frame_keeps_frame_numbers_and_geometry():
 
 
 def test_legacy_converted_enhanced_mr_equals_its_single_frames(tmp_path):
-    import highdicom as hd
-
-    singles = write_slices(tmp_path / "mr", axial_positions(5, step=3.0), modality="MR")
-    datasets = [dcmread(p) for p in singles]
-    for ds in datasets:
-        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.Manufacturer = "20260101", "120000", 1, "test"
-    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
-        legacy_datasets=datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
-    path = tmp_path / "enhanced.dcm"
-    enhanced.save_as(path)
+    singles, path = write_legacy_enhanced_mr(tmp_path, 5)
     multi, single = load_series([path]), load_series(singles)
     np.testing.assert_array_equal(multi.voxels, single.voxels)
     np.testing.assert_allclose(multi.slice_positions, single.slice_positions)
