@@ -122,6 +122,9 @@ class JobsSection:
     workers: int = 1
     max_attempts: int = 3
     retry_delay_s: float = 60.0
+    # A result not yet delivered is retried (at most every 10 minutes) this long after its first attempt before
+    # it is "failed" until `dicom-node resend`: long enough to wait out a PACS's maintenance or outage.
+    delivery_give_up_h: float = 168.0
     poll_s: float = 1.0
     device: str = "auto"
     encoder_precision: EncoderPrecision = EncoderPrecision.AUTO
@@ -296,6 +299,7 @@ def _parse_jobs(raw: dict[str, Any]) -> JobsSection:
         workers=get_positive(raw, "jobs.workers", int, defaults.workers),
         max_attempts=get_positive(raw, "jobs.max_attempts", int, defaults.max_attempts),
         retry_delay_s=get_value(raw, "jobs.retry_delay_s", float, defaults.retry_delay_s, minimum=0.0),
+        delivery_give_up_h=get_positive(raw, "jobs.delivery_give_up_h", float, defaults.delivery_give_up_h),
         poll_s=get_positive(raw, "jobs.poll_s", float, defaults.poll_s),
         device=device,
         encoder_precision=encoder_precision,

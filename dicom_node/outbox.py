@@ -3,9 +3,10 @@
 Delivery is at-least-once with stable SOP Instance UIDs, so a resend replaces rather than duplicates.
 Each destination is sent to on its own thread and association, with its own timeouts (connecting included),
 so an unreachable PACS delays only its own items. A failed attempt is retried after 30 s, doubling up to
-10 min, then every 10 min; an item still not delivered 7 days after its first attempt (and after at least
-10 attempts) is "failed" (the dead letter) until an administrator resends it. No database transaction is
-open while the network is used: due items are read, sent, then each destination's outcomes are recorded.
+10 min, then every 10 min; an item still not delivered ``[jobs] delivery_give_up_h`` (7 days) after its
+first attempt, and after at least 10 attempts, is "failed" (the dead letter) until an administrator resends
+it. No database transaction is open while the network is used: due items are read, sent, then each
+destination's outcomes are recorded.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class RetryPolicy:
     give_up_after_s: float = 7 * 24 * 3600.0  # counted from the first attempt (since the last resend)
     min_attempts: int = 10
     timeout_s: float = 30.0  # connecting, association negotiation, each DIMSE message, network idle
+
+    @classmethod
+    def of(cls, config: NodeConfig) -> RetryPolicy:
+        """The node's policy: the defaults with ``[jobs] delivery_give_up_h``."""
+        return cls(give_up_after_s=config.jobs.delivery_give_up_h * 3600.0)
 
     def delay(self, attempts: int) -> timedelta:
         return timedelta(seconds=min(self.first_delay_s * 2 ** max(attempts - 1, 0), self.max_delay_s))
@@ -111,9 +117,10 @@ class DeliveryLoop:
     """Runs deliver_due every ``interval_s`` on a background thread until stopped (one per node)."""
 
     def __init__(self, config: NodeConfig, sessions: sessionmaker[Session], interval_s: float = 5.0,
-                 policy: RetryPolicy = RetryPolicy()) -> None:
+                 policy: RetryPolicy | None = None) -> None:
         self._stop = threading.Event()
         self._wake = threading.Event()
+        policy = policy or RetryPolicy.of(config)
         self._thread = threading.Thread(target=self._run, args=(config, sessions, interval_s, policy),
                                         name="delivery", daemon=True)
 

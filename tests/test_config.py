@@ -18,6 +18,7 @@ def test_shipped_config_loads_with_documented_names():
     assert pacs is not None and pacs.host == "127.0.0.1" and pacs.port == 4242
     assert pacs.may(Permission.DESTINATION)
     assert config.jobs.compile_encoder is True  # a node as shipped compiles an fp32 encoder (off by default)
+    assert config.jobs.delivery_give_up_h == 168.0  # a week of PACS outage is waited out
     assert parse_config({}, base_dir=REPO).jobs.compile_encoder is False
 
 
@@ -79,6 +80,7 @@ def test_postgresql_url_is_kept_as_given(tmp_path):
         ({"jobs": {"encoder_precision": "fp16"}}, "jobs.encoder_precision"),
         ({"jobs": {"compile_encoder": "yes"}}, "jobs.compile_encoder"),
         ({"jobs": {"completion_wait_s": -1}}, "jobs.completion_wait_s"),
+        ({"jobs": {"delivery_give_up_h": 0}}, "jobs.delivery_give_up_h"),
         ({"peers": [{"ae_title": "PACS", "completion_wait_s": "soon"}]}, "peers[0].completion_wait_s"),
         ({"routes": [{"name": "ct", "model": "no/such/folder"}]}, "routes[0].model"),
         ({"routes": [{"model": "active"}]}, "routes[0].name"),

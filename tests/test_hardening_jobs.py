@@ -1,6 +1,7 @@
 """Jobs and deliveries under failure: a series that crashes every start, a finish that cannot commit, a damaged
 stored result, a destination that drops packets, a dead letter re-queued by a job's retry, a long PACS outage."""
 
+import dataclasses
 import socket
 import threading
 import time
@@ -162,3 +163,17 @@ def test_an_hour_long_outage_keeps_results_pending_and_a_week_long_one_dead_lett
     for _ in range(policy.min_attempts):
         row = attempt_now(config, sessions, delivery, policy)
     assert (row.status, row.attempts) == (PENDING, policy.min_attempts)
+
+
+def test_the_give_up_period_is_the_configured_one(tmp_path):
+    """`[jobs] delivery_give_up_h` is what the node's delivery loop waits out: an hour here, not the week."""
+    config, sessions, delivery = nowhere_outbox(tmp_path)
+    policy = RetryPolicy.of(dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, delivery_give_up_h=1.0)))
+    assert RetryPolicy.of(config).give_up_after_s == 7 * 24 * 3600.0
+    for _ in range(policy.min_attempts):
+        row = attempt_now(config, sessions, delivery, policy)
+    assert row.status == PENDING  # ten attempts, but not yet an hour of trying
+    with sessions() as session, session.begin():
+        for attempt in session.scalars(select(DeliveryAttempt)):
+            attempt.at -= timedelta(hours=1)
+    assert attempt_now(config, sessions, delivery, policy).status == FAILED
