@@ -211,7 +211,7 @@ def _record(sessions: sessionmaker[Session], outcomes: dict[int, tuple[bool, str
     with sessions() as session, session.begin():
         for delivery_id, (ok, detail) in outcomes.items():
             delivery = session.get(Delivery, delivery_id)
-            first = _first_attempt(session, delivery, at)
+            first = at if ok else _first_attempt(session, delivery, at)  # asked only where it decides a give-up
             delivery.attempts += 1
             session.add(DeliveryAttempt(delivery_fk=delivery_id, at=at, succeeded=ok, detail=detail))
             if ok:

@@ -11,15 +11,14 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import status
 from dicom_node.ingest import InvalidInstanceError, file_meta_bytes, read_header, to_record
 from storage.files import FileStore, StorageFullError
-from storage.index import AddResult, IndexWriteError, IndexWriter
-from storage.models import Instance, now_utc
+from storage.index import AddResult, IndexWriteError, IndexWriter, indexed_path
+from storage.models import now_utc
 from storage.uids import InvalidUIDError, validate_uid
 
 logger = logging.getLogger(__name__)
@@ -61,8 +60,7 @@ class InstanceReceiver:
     def _indexed_here(self, sop_uid: str, path: Path) -> bool:
         """Whether the instance is indexed at ``path`` (indexed elsewhere, a file at ``path`` is stale)."""
         with self.sessions() as session:
-            indexed = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))
-        return indexed == self.files.relative(path)
+            return indexed_path(session, sop_uid) == self.files.relative(path)
 
     def _remove_unless_indexed(self, path: Path, sop_uid: str) -> None:
         """After a failed commit: remove the file, unless the row is there after all (a commit that failed

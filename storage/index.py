@@ -229,8 +229,13 @@ def _get_or_insert(connection: Connection, query: Any, keys: dict[str, str], mod
     return key
 
 
+def indexed_path(session: Session, sop_instance_uid: str) -> str | None:
+    """Where the index has the instance (relative to the store), or None."""
+    return session.execute(_SELECT_INSTANCE_PATH, {"uid": sop_instance_uid}).scalar()
+
+
 def is_indexed(session: Session, sop_instance_uid: str) -> bool:
-    return session.execute(_SELECT_INSTANCE_PATH, {"uid": sop_instance_uid}).scalar() is not None
+    return indexed_path(session, sop_instance_uid) is not None
 
 
 def _pick(fields: dict[str, Any], model: type) -> dict[str, Any]:
