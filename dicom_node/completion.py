@@ -10,6 +10,7 @@ judged re-opens it: interpreted again as a new run, or ignored, as ``jobs.on_lat
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -96,15 +97,20 @@ def _decide(session: Session, config: NodeConfig, series: Series, completion: Se
     return Decision(series.id, "queued", job.id, route.name)
 
 
-def requeue_interrupted(session: Session, max_attempts: int, now: datetime) -> list[int]:
+def requeue_interrupted(session: Session, max_attempts: int, now: datetime, only: Collection[int] | None = None,
+                        cause: str = "the node stopped or crashed while running it (out of memory?)") -> list[int]:
     """Jobs left "running" by a crash or a stop go back to the queue (their attempt stays counted); one that
-    has used its ``max_attempts`` fails instead: a series that kills the process must not crash every start."""
-    ids = list(session.scalars(select(Job.id).where(Job.status == RUNNING, Job.attempts < max_attempts)))
+    has used its ``max_attempts`` fails instead: a series that kills the process must not crash every start.
+
+    ``only`` limits it to the given jobs: the running node's sweep for jobs whose worker ended without
+    recording how (a finish and a failure that could not commit), which would otherwise stay "running"."""
+    running = [Job.status == RUNNING] + ([Job.id.in_(list(only))] if only is not None else [])
+    ids = list(session.scalars(select(Job.id).where(*running, Job.attempts < max_attempts)))
     if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(status=QUEUED, error="interrupted (node stopped)"))
-    for job in session.scalars(select(Job).where(Job.status == RUNNING, Job.attempts >= max_attempts)):
+        session.execute(update(Job).where(Job.id.in_(ids), Job.status == RUNNING)
+                        .values(status=QUEUED, error=f"interrupted: {cause}", next_attempt_at=now))
+    for job in session.scalars(select(Job).where(*running, Job.attempts >= max_attempts)):
         job.status, job.finished_at = FAILED, now
-        job.error = (f"interrupted in attempt {job.attempts} of {max_attempts}: the node stopped or crashed while "
-                     "running it (out of memory?)")
+        job.error = f"interrupted in attempt {job.attempts} of {max_attempts}: {cause}"
         logger.error("job %d failed: %s", job.id, job.error)
     return ids

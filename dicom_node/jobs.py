@@ -6,9 +6,11 @@ The ``jobs`` table is the truth: a job is claimed (queued -> running, attempt co
 worked on with no transaction open, and finished (done with its results and their deliveries, or queued
 again with backoff, or failed with the reason) in another. The check also sweeps for queued jobs that are
 due and not scheduled (a retry asked for on the command line, an entry lost to a crash), so a job in the
-table always runs. Jobs left running by a crash are queued again at start, or failed if that was their
-``max_attempts``-th attempt (a series that crashes the process must not crash every start); a retry of a run
-writes the same SOP Instance UIDs, so the PACS gets one SEG and one SR per run however often the node died.
+table always runs, and for jobs "running" that no worker holds (a finish and its failure that both could
+not commit), which go back to the queue. Jobs left running by a crash are queued again at start, or failed
+if that was their ``max_attempts``-th attempt (a series that crashes the process must not crash every
+start); a retry of a run writes the same SOP Instance UIDs, so the PACS gets one SEG and one SR per run
+however often the node died.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class JobService:
         self.started_at = now_utc()
         self._loader: threading.Thread | None = None  # loads the routes' models at start
         self._stopping = threading.Event()
+        self._working: set[int] = set()  # jobs a worker thread of this process holds, from before its claim to after its finish
+        self._working_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=make_engine(url), tablename="apscheduler_jobs")},
             executors={"default": ThreadPoolExecutor(config.jobs.workers), "checks": ThreadPoolExecutor(1),
@@ -164,9 +168,27 @@ class JobService:
                 self.schedule(decision.job_id, now)
         with self.reader() as session:
             due = session.scalars(select(Job.id).where(Job.status == QUEUED, Job.next_attempt_at <= now)).all()
-        for job_id in due:
+        for job_id in due + self._requeue_orphans(now):
             if self.scheduler.get_job(_job_key(job_id)) is None:
                 self.schedule(job_id, now)
+
+    def _requeue_orphans(self, now: datetime) -> list[int]:
+        """Jobs "running" in the table that no worker here holds: the worker's finish and its failure both
+        failed to commit (a database locked or gone for a while). Without this sweep they stay "running"
+        until a restart; with it they are retried (same SOP Instance UIDs), or failed in their last attempt."""
+        with self.reader() as session:
+            running = set(session.scalars(select(Job.id).where(Job.status == RUNNING)))
+        with self._working_lock:  # a worker registers before it claims, so a job not held now is nobody's
+            orphans = running - self._working
+            if not orphans:
+                return []
+            with self.sessions() as session, session.begin():
+                requeued = requeue_interrupted(session, self.config.jobs.max_attempts, now, only=orphans,
+                                               cause="its worker ended without recording the result (database error?)")
+        if requeued:
+            logger.warning("jobs %s were left running by a worker that could not record its result; queued again",
+                           requeued)
+        return requeued
 
     def schedule(self, job_id: int, when: datetime) -> None:
         self.scheduler.add_job(run_job, "date", run_date=when.replace(tzinfo=timezone.utc), args=[job_id],
@@ -175,6 +197,17 @@ class JobService:
     # -- one job ------------------------------------------------------------------------------------------
 
     def run(self, job_id: int) -> None:
+        with self._working_lock:
+            if job_id in self._working:
+                return  # a worker here has it already
+            self._working.add(job_id)
+        try:
+            self._run(job_id)
+        finally:
+            with self._working_lock:
+                self._working.discard(job_id)
+
+    def _run(self, job_id: int) -> None:
         claim = self._claim(job_id)
         if claim is None:
             return

@@ -7,7 +7,9 @@ import threading
 import time
 from datetime import datetime, timedelta
 
+import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import DatabaseError
 
 from dicom_node.config import load_config
 from dicom_node.jobs import JobService
@@ -66,6 +68,59 @@ def test_a_finish_that_cannot_commit_is_retried_and_files_one_seg_and_one_sr(nod
     assert (job.status, job.attempts) == ("done", 2), job.error
     assert sorted(modality for modality, _ in outputs) == ["SEG", "SR"]  # the retry filed the same two objects
     assert sorted(deliveries) == sorted(uid for _, uid in outputs)
+
+
+def test_a_job_whose_finish_and_failure_both_cannot_commit_is_queued_again_by_the_next_check(node_factory, no_model, tmp_path):
+    config, service, decision = queued_job(node_factory, no_model, tmp_path, axial_positions(3))
+    with service.engine.begin() as connection:  # the database refuses every way out of "running" for a while
+        connection.execute(text("CREATE TRIGGER stuck BEFORE UPDATE OF status ON jobs WHEN OLD.status = 'running' "
+                                "BEGIN SELECT RAISE(ABORT, 'database is locked'); END"))
+    with pytest.raises(DatabaseError, match="database is locked"):
+        service.run(decision.job_id)  # the model is missing: the attempt fails, and recording that fails too
+    with pytest.raises(DatabaseError):  # the periodic check fails too (APScheduler logs it and runs the next)
+        service.check()
+    assert job_state(service, decision.job_id)[0] == "running"
+
+    with service.engine.begin() as connection:
+        connection.execute(text("DROP TRIGGER stuck"))
+    service.check()  # the sweep: no worker holds the job
+    status, attempts, error = job_state(service, decision.job_id)
+    assert (status, attempts) == ("queued", 1) and "worker ended without recording" in error
+    assert service.scheduler.get_job(f"series-job-{decision.job_id}") is not None  # and it is scheduled to run
+
+    service.run(decision.job_id)  # its retry counts as the last attempt: failed with the reason, not running
+    status, attempts, error = job_state(service, decision.job_id)
+    assert (status, attempts) == ("failed", 2) and "holds no model" in error
+    service.check()
+    assert job_state(service, decision.job_id)[0] == "failed"
+
+
+def test_the_sweep_leaves_a_job_that_a_worker_is_running_alone(node_factory, no_model, tmp_path):
+    config, service, decision = queued_job(node_factory, no_model, tmp_path, axial_positions(3))
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_work(claim):
+        inside.set()
+        release.wait(30)
+        raise RuntimeError("the model is slow, then gone")
+
+    service.work = slow_work
+    worker = threading.Thread(target=service.run, args=(decision.job_id,))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        service.check()
+        assert job_state(service, decision.job_id)[0] == "running"  # held by the worker: not an orphan
+    finally:
+        release.set()
+        worker.join(30)
+    assert job_state(service, decision.job_id)[:2] == ("queued", 1)
+
+
+def job_state(service, job_id: int) -> tuple[str, int, str]:
+    with service.sessions() as session:
+        job = session.get(Job, job_id)
+        return job.status, job.attempts, job.error
 
 
 def test_a_damaged_stored_result_is_a_failed_attempt_and_the_others_are_sent(series_with_lesions, pacs):

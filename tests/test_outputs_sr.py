@@ -52,6 +52,22 @@ def test_no_findings_and_not_assessed_are_explicit(series_with_lesions, tmp_path
         assert f"Not assessed: {reason}" in values
 
 
+def test_a_no_findings_statement_is_tracked_per_model_version_and_run(series_with_lesions, tmp_path):
+    """Trackers link groups by Tracking UID: "No findings" from another model version or a re-run is another
+    observation, while a retry of the same run (a resend) keeps its UID."""
+    sources, volume, _, _ = series_with_lesions
+
+    def uid(version: str, run: int) -> str:
+        algorithm = AlgorithmInfo(ALGORITHM.name, version)
+        sr = build_sr(sources, volume, SeriesResult(Assessment.ASSESSED, "", [], version), None, algorithm, run)
+        sr.save_as(tmp_path / "sr.dcm")
+        [group] = hd.sr.srread(tmp_path / "sr.dcm").content.get_image_measurement_groups()  # the statement's group
+        return group.tracking_uid
+
+    assert uid("1.0.0", 1) == uid("1.0.0", 1)
+    assert len({uid("1.0.0", 1), uid("1.1.0", 1), uid("1.0.0", 2)}) == 3
+
+
 def test_malformed_birth_date_and_one_part_name_still_give_valid_outputs_and_no_name_in_warnings(series_with_lesions, tmp_path,
                                                                                                     monkeypatch):
     """Common PACS data: a birth date written 1980-01-01 failed the job (the date in its error), and highdicom

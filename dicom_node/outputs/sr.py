@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node.outputs.codes import codes_for
 from dicom_node.outputs.seg import AlgorithmInfo, segment_labels, sources_with_type2
-from dicom_node.outputs.uids import output_uids, stable_uid, tracking_uid
+from dicom_node.outputs.uids import output_uids, stable_uid, statement_uid, tracking_uid
 from inference.engine import Assessment, SeriesResult
 from inference.findings import Lesion
 from inference.slicing import Volume
@@ -45,9 +45,9 @@ def build_sr(sources: list[Dataset], volume: Volume, result: SeriesResult, seg: 
             uid=stable_uid("device", algorithm.name), name=algorithm.name, model_name=algorithm.version),
     )
     if result.assessment is Assessment.NOT_ASSESSED:
-        groups = [_statement(volume, NOT_DONE, f"Not assessed: {result.reason}")]
+        groups = [_statement(volume, NOT_DONE, f"Not assessed: {result.reason}", algorithm.version, run)]
     elif not result.lesions:
-        groups = [_statement(volume, FINDING_ABSENT, "No findings")]
+        groups = [_statement(volume, FINDING_ABSENT, "No findings", algorithm.version, run)]
     else:
         if seg is None:
             raise ValueError("lesions need their SEG to be referenced")
@@ -75,9 +75,10 @@ def build_sr(sources: list[Dataset], volume: Volume, result: SeriesResult, seg: 
     )
 
 
-def _statement(volume: Volume, value: Code, text: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _statement(volume: Volume, value: Code, text: str, version: str, run: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    uid = statement_uid(volume.series_instance_uid, version, text, run)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=stable_uid(volume.series_instance_uid, text), identifier=text[:64]),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=text[:64]),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=value)],
     )
 

@@ -30,3 +30,10 @@ def tracking_uid(source_series_uid: str, model_version: str, segment_number: int
     parts the SEG has always used, so SEGs already sent keep their UIDs."""
     extra = () if run == 1 else (f"run {run}",)
     return stable_uid(source_series_uid, model_version, "SEG", "segment", str(segment_number), *extra)
+
+
+def statement_uid(source_series_uid: str, model_version: str, statement: str, run: int = 1) -> str:
+    """The Tracking UID of the SR's group that says "No findings" or "Not assessed: ...": like a lesion's, another
+    model version or run is another observation (one UID for all of them told trackers it was one finding)."""
+    extra = () if run == 1 else (f"run {run}",)
+    return stable_uid(source_series_uid, model_version, "SR", "statement", statement, *extra)
