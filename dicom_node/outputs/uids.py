@@ -19,21 +19,23 @@ def output_uids(source_series_uid: str, model_version: str, kind: str, run: int 
     ``run`` counts interpretations of the series (a re-run after late arrivals is run 2): a new run is a new
     object, never an overwrite of what a radiologist may already have read; a retry of a run is the same one.
     """
-    extra = () if run == 1 else (f"run {run}",)
-    return (stable_uid(source_series_uid, model_version, kind, "series", *extra),
-            stable_uid(source_series_uid, model_version, kind, "instance", *extra))
+    return (stable_uid(source_series_uid, model_version, kind, "series", *_run(run)),
+            stable_uid(source_series_uid, model_version, kind, "instance", *_run(run)))
 
 
 def tracking_uid(source_series_uid: str, model_version: str, segment_number: int, run: int = 1) -> str:
     """The Tracking UID of the lesion in SEG segment ``segment_number``, shared by the SEG and the SR's measurement
     group (TID 1500 readers link the two by it). Another model version or run is another finding; run 1 keeps the
     parts the SEG has always used, so SEGs already sent keep their UIDs."""
-    extra = () if run == 1 else (f"run {run}",)
-    return stable_uid(source_series_uid, model_version, "SEG", "segment", str(segment_number), *extra)
+    return stable_uid(source_series_uid, model_version, "SEG", "segment", str(segment_number), *_run(run))
 
 
 def statement_uid(source_series_uid: str, model_version: str, statement: str, run: int = 1) -> str:
     """The Tracking UID of the SR's group that says "No findings" or "Not assessed: ...": like a lesion's, another
     model version or run is another observation (one UID for all of them told trackers it was one finding)."""
-    extra = () if run == 1 else (f"run {run}",)
-    return stable_uid(source_series_uid, model_version, "SR", "statement", statement, *extra)
+    return stable_uid(source_series_uid, model_version, "SR", "statement", statement, *_run(run))
+
+
+def _run(run: int) -> tuple[str, ...]:
+    """Run 1 adds nothing: the UIDs of objects sent before runs were counted stay as they were."""
+    return () if run == 1 else (f"run {run}",)
