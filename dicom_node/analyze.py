@@ -27,6 +27,13 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 
 
+class NoSeriesError(ValueError):
+    """The folder holds no DICOM series: nothing to analyze (said before any model is loaded)."""
+
+    def __init__(self, folder: Path, skipped: int) -> None:
+        super().__init__(f"no DICOM series in {folder} ({skipped} files that are not DICOM instances)")
+
+
 @dataclass
 class FolderSeries:
     paths: list[Path]
@@ -55,8 +62,13 @@ def find_series(folder: Path) -> tuple[dict[str, FolderSeries], int]:
 
 def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path | None = None,
                    question: str = "", device: str = "auto") -> list[dict]:
-    """Interpret every covered series under ``folder``; write ``out/<series UID>/{seg,sr}.dcm`` and summary.json."""
+    """Interpret every covered series under ``folder``; write ``out/<series UID>/{seg,sr}.dcm`` and summary.json.
+
+    ``question``, where given, is asked of every series (a route's own question is only the default).
+    Raises NoSeriesError where the folder holds no DICOM series."""
     series, skipped = find_series(folder)
+    if not series:
+        raise NoSeriesError(folder, skipped)
     if skipped:
         # A folder is often named after its patient: the path only at DEBUG (as every Patient ID)
         logger.info("%d files in the folder are not DICOM instances; skipped", skipped)
@@ -74,7 +86,7 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
         try:
             folder_name = validate_uid(uid, "Series Instance UID")
             outputs = interpret_series(entry.paths, lambda: models.get(_resolve(resolved, route.model, config)),
-                                       Question(route.question or question, route.target))
+                                       Question(question or route.question, route.target))
         except (SlicingError, WeightsError, InvalidUIDError, OSError, ValueError) as exc:
             logger.error("series %s: %s", uid, exc)
             summaries.append({"series_instance_uid": uid, "modality": entry.modality, "error": f"{type(exc).__name__}: {exc}"})

@@ -10,11 +10,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from dicom_node import __version__
 from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, NodeConfig, load_config
 from dicom_node.privacy import keep_patient_data_out_of_logs
+from storage.database import missing_database
 
 logger = logging.getLogger("dicom_node")
 
@@ -32,7 +34,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _configure_logging(config.node.log_level if not args.verbose else "DEBUG")
-    return int(args.func(config, args) or 0)
+    missing = missing_database(config.storage.database_url) if _needs_node_database(args.func) else None
+    if missing is not None:
+        print(f"error: no database at {missing}: start the node first (dicom-node serve)", file=sys.stderr)
+        return 1
+    try:
+        return int(args.func(config, args) or 0)
+    except SQLAlchemyError as exc:  # a server that is down, a damaged file: one line, not a traceback
+        logger.debug("database error", exc_info=True)
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"error: database {_hide_password(config.storage.database_url)}: {reason}", file=sys.stderr)
+        return 1
+
+
+def _needs_node_database(func: Callable[..., int]) -> bool:
+    """Commands that read or re-queue what a running node recorded: on a node that never ran they must say so,
+    not create an empty database (make_engine creates the schema) and report zeros."""
+    return func in (_status, _resend, _retry)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,7 +194,10 @@ def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
     print(f"series     {summary.series}")
     print(f"instances  {summary.instances}")
     print(f"stored     {summary.bytes_stored / 2**20:.1f} MiB in {config.storage.path}")
-    print(f"free       {summary.bytes_free / 2**30:.1f} GiB (refuses C-STORE below {config.storage.min_free_mb} MiB)")
+    if config.storage.path.is_dir():
+        print(f"free       {summary.bytes_free / 2**30:.1f} GiB (refuses C-STORE below {config.storage.min_free_mb} MiB)")
+    else:
+        print(f"free       unknown: no storage folder at {config.storage.path} (the node creates it when it starts)")
     counts = ", ".join(f"{jobs.counts.get(s, 0)} {s}" for s in ("queued", "running", "done", "failed"))
     print(f"jobs       {counts}")
     for title, lines in (("queued", jobs.queued), ("running", jobs.running), ("failed", jobs.failed), ("result", jobs.recent)):
@@ -221,18 +242,17 @@ def _requeue(config: NodeConfig, requeue: Callable[[sessionmaker, int], bool], i
 
 
 def _analyze(config: NodeConfig, args: argparse.Namespace) -> int:
-    from dicom_node.analyze import SUMMARY_FILE, analyze_folder
+    from dicom_node.analyze import SUMMARY_FILE, NoSeriesError, analyze_folder
 
-    if not args.path.is_dir():
-        print(f"error: {args.path} is not a folder", file=sys.stderr)
+    usage = _analyze_usage_error(config, args)
+    if usage:
+        print(f"error: {usage}", file=sys.stderr)
         return 2
-    if args.model is None and not config.routes:
-        print(f"error: {config.source} has no [[routes]]; pass --model CHECKPOINT", file=sys.stderr)
-        return 2
-    if args.model is not None and not args.model.is_dir():
-        print(f"error: {args.model} is not a model folder", file=sys.stderr)
-        return 2
-    summaries = analyze_folder(args.path, args.out, config, args.model, args.question, config.jobs.device)
+    try:
+        summaries = analyze_folder(args.path, args.out, config, args.model, args.question, config.jobs.device)
+    except NoSeriesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for entry in summaries:
         lesions = entry.get("lesions", [])
         outcome = entry.get("error") or (f"{len(lesions)} finding(s): " + ", ".join(
@@ -241,6 +261,20 @@ def _analyze(config: NodeConfig, args: argparse.Namespace) -> int:
         print(f"{entry.get('modality', '?'):3} {entry['series_instance_uid']}: {outcome}")
     print(f"{len(summaries)} series; results and {SUMMARY_FILE} in {args.out}")
     return 1 if any("error" in entry for entry in summaries) else 0
+
+
+def _analyze_usage_error(config: NodeConfig, args: argparse.Namespace) -> str:
+    """What makes `analyze`'s arguments unusable ("" if nothing), found before any file is read or model loaded."""
+    if not args.path.is_dir():
+        return f"{args.path} is not a folder"
+    blocker = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"--out {args.out}: {blocker} is a file, not a folder"
+    if args.model is None and not config.routes:
+        return f"{config.source} has no [[routes]]; pass --model CHECKPOINT"
+    if args.model is not None and not args.model.is_dir():
+        return f"{args.model} is not a model folder"
+    return ""
 
 
 def _config_check(config: NodeConfig, _args: argparse.Namespace) -> int:

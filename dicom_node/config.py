@@ -13,6 +13,7 @@ import fnmatch
 import os
 import re
 import socket
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,8 +23,8 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from dicom_node.config_values import (ConfigError, existing_file, get_flag, get_port, get_positive, get_strings, get_table,
-                                      get_value, reject_unknown, validate_ae_title)
+from dicom_node.config_values import (ConfigError, crontab_trigger, existing_file, get_flag, get_port, get_positive, get_strings,
+                                      get_table, get_value, reject_unknown, validate_ae_title)
 from inference.model.precision import EncoderPrecision
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -53,6 +54,15 @@ class TLSConfig:
     @property
     def mutual(self) -> bool:
         return self.ca_file is not None
+
+    def server_context(self) -> ssl.SSLContext:
+        """The SCP's context; built at load too, so files that are no PEM certificate or key fail `config check`."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile=self.certificate, keyfile=self.private_key)
+        if self.ca_file is not None:
+            context.load_verify_locations(cafile=self.ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     for i, peer in enumerate(peers):
         if peer.ae_title in seen:
             raise ConfigError(f"peers[{i}].ae_title", f"{peer.ae_title!r} is listed twice")
+        if peer.ae_title == node.ae_title:  # completion takes what the node's own title sends for its results
+            raise ConfigError(f"peers[{i}].ae_title", f"{peer.ae_title!r} is also node.ae_title: what this peer sends "
+                                                      "would be stored only, never interpreted")
         seen.add(peer.ae_title)
     jobs = _parse_jobs(get_table(raw, "jobs"))
     routes_raw = raw.get("routes", [])
@@ -254,9 +267,7 @@ def _parse_training(raw: dict[str, Any], base_dir: Path) -> TrainingSection:
     schedule = get_value(raw, "training.schedule", str, "")
     if schedule:
         try:
-            from apscheduler.triggers.cron import CronTrigger
-
-            CronTrigger.from_crontab(schedule)
+            crontab_trigger(schedule)
         except ValueError as exc:
             raise ConfigError("training.schedule", f"{schedule!r} is not a crontab line (\"0 2 * * *\" is 02:00 daily): {exc}") from None
     return TrainingSection(
@@ -315,6 +326,8 @@ def _parse_route(raw: Any, key: str, base_dir: Path) -> Route:
         if required not in raw:
             raise ConfigError(f"{key}.{required}", "is required")
     name = get_value(raw, f"{key}.model", str, "")
+    if not name:  # base_dir / "" is the config file's folder
+        raise ConfigError(f"{key}.model", '"" must be "active" or a model folder')
     model = ACTIVE_MODEL if name == ACTIVE_MODEL.name else base_dir / name
     if model != ACTIVE_MODEL and not model.is_dir():
         raise ConfigError(f"{key}.model", f"{model} is not a model folder (a checkpoint with model_card.json, or a "
@@ -368,7 +381,20 @@ def _parse_tls(raw: Any, base_dir: Path) -> TLSConfig | None:
         if key not in raw:
             raise ConfigError(f"node.tls.{key}", "is required when [node.tls] is present")
     paths = {k: existing_file(raw[k], f"node.tls.{k}", base_dir) for k in raw}
-    return TLSConfig(paths["certificate"], paths["private_key"], paths.get("ca_file"))
+    tls = TLSConfig(paths["certificate"], paths["private_key"], paths.get("ca_file"))
+    _check_tls(tls)
+    return tls
+
+
+def _check_tls(tls: TLSConfig) -> None:
+    """Build the workers' SSL context now: a file that is no PEM certificate or key (or a key of another
+    certificate) would otherwise stop every worker at start, after `config check` said OK."""
+    try:
+        tls.server_context()
+    except OSError as exc:  # ssl.SSLError is one
+        files = ", ".join(str(p) for p in (tls.certificate, tls.private_key, tls.ca_file) if p is not None)
+        raise ConfigError("node.tls", f"{files}: {exc} (certificate and private_key must be a PEM certificate and "
+                                      "its unencrypted PEM key, ca_file a PEM CA bundle)") from None
 
 
 def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
@@ -376,18 +402,36 @@ def _parse_storage(raw: dict[str, Any], base_dir: Path) -> StorageSection:
     reject_unknown(raw, set(StorageSection.__dataclass_fields__), "storage.")
     path = base_dir / Path(get_value(raw, "storage.path", str, str(defaults.path)))
     url = get_value(raw, "storage.database_url", str, defaults.database_url)
-    try:
-        backend = make_url(url).get_backend_name()
-    except ArgumentError:
-        raise ConfigError("storage.database_url", f"{url!r} is not an SQLAlchemy URL (sqlite:///..., "
-                                                  "postgresql+psycopg://...)") from None
-    if backend not in ("sqlite", "postgresql"):  # the index's statements are written for these two
-        raise ConfigError("storage.database_url", f"{backend!r} is not supported: use SQLite or PostgreSQL")
+    _check_database_url(url)
     return StorageSection(
         path=path,
         database_url=_resolve_sqlite_url(url, base_dir),
         min_free_mb=get_value(raw, "storage.min_free_mb", int, defaults.min_free_mb, minimum=0),
     )
+
+
+def _check_database_url(url: str) -> None:
+    """Parse the URL and find its driver now (no connection is made): a bad port raised ValueError from every
+    command, and an unknown driver passed `config check`. A parsed URL is not echoed: it may hold a password."""
+    key = "storage.database_url"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(key, f"{url!r} is not an SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...)") from None
+    except ValueError:  # make_url's int() of the port
+        raise ConfigError(key, "the port in the URL is not a number") from None
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ConfigError(key, f"the port in the URL, {parsed.port}, must be 1 to 65535")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):  # the index's statements are written for these two
+        raise ConfigError(key, f"{parsed.get_backend_name()!r} is not supported: use SQLite or PostgreSQL")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ArgumentError:  # NoSuchModuleError is one
+        raise ConfigError(key, f"{parsed.drivername!r} is not an SQLAlchemy driver (sqlite, postgresql, "
+                               "postgresql+psycopg, ...)") from None
+    except ImportError as exc:  # "postgresql" alone means psycopg2, which the node does not install
+        raise ConfigError(key, f"the driver of {parsed.drivername!r} is not installed ({exc.name}): the node "
+                               "installs psycopg, use postgresql+psycopg://...") from None
 
 
 def _parse_peer(raw: Any, key: str) -> Peer:

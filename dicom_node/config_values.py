@@ -4,8 +4,15 @@ key (``peers[1].port``) and the value: the building blocks of :mod:`dicom_node.c
 from __future__ import annotations
 
 import math
+import re
+from datetime import tzinfo
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apscheduler.triggers.cron import CronTrigger
+
+CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab's 0-6; 7 is Sunday again
 
 
 class ConfigError(ValueError):
@@ -92,3 +99,46 @@ def existing_file(value: Any, key: str, base_dir: Path) -> Path:
     if not path.is_file():
         raise ConfigError(key, f"{path} does not exist")
     return path
+
+
+def crontab_trigger(line: str, timezone: tzinfo | None = None) -> CronTrigger:
+    """An APScheduler trigger for a crontab line, weekdays as crontab counts them (0 and 7 Sunday, 1 Monday):
+    APScheduler 3's ``CronTrigger.from_crontab`` counts 0 as Monday, so "1-5" ran Tuesday to Saturday.
+    Raises ValueError for a line that is not one."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = line.split()
+    if len(fields) != 5:
+        raise ValueError(f"a crontab line has 5 fields (minute hour day month weekday), not {len(fields)}")
+    minute, hour, day, month, weekday = fields
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_weekdays(weekday),
+                       timezone=timezone)
+
+
+def _crontab_weekdays(field: str) -> str:
+    """Crontab's weekday field (lists of days, ranges and steps) as APScheduler day names: "1-5" -> "mon,...,fri"."""
+    if field == "*":
+        return field
+    days: set[int] = set()
+    for item in field.lower().split(","):
+        match = re.fullmatch(r"(?:\*|(\w+)(?:-(\w+))?)(?:/(\d+))?", item)
+        if match is None:
+            raise ValueError(f"{item!r} is not a weekday, a range of them or a step")
+        first_text, last_text, step_text = match.groups()
+        first = _crontab_day(first_text) if first_text else 0
+        last = _crontab_day(last_text) if last_text else 7 if step_text or not first_text else first
+        if last == 0 < first:  # "sat-sun": Sunday ends a range as 7
+            last = 7
+        step = int(step_text or 1)
+        if last < first or step < 1:
+            raise ValueError(f"{item!r} must run from an earlier day to a later one, in steps of 1 or more")
+        days.update(d % 7 for d in range(first, last + 1, step))
+    return ",".join(CRONTAB_DAYS[d] for d in sorted(days))
+
+
+def _crontab_day(text: str) -> int:
+    if text.isdigit() and int(text) <= 7:
+        return int(text)
+    if text in CRONTAB_DAYS:
+        return CRONTAB_DAYS.index(text)
+    raise ValueError(f"{text!r} is not a weekday (0-7, 0 and 7 are Sunday, or sun-sat)")

@@ -116,10 +116,11 @@ class JobService:
         self.scheduler.add_job(check, "interval", seconds=self.config.jobs.poll_s, id="completion-check",
                                replace_existing=True, executor="checks")
         if self.config.training.schedule:
-            from apscheduler.triggers.cron import CronTrigger
             from tzlocal import get_localzone
 
-            trigger = CronTrigger.from_crontab(self.config.training.schedule, timezone=get_localzone())
+            from dicom_node.config_values import crontab_trigger
+
+            trigger = crontab_trigger(self.config.training.schedule, get_localzone())  # crontab's weekdays
             # A run missed while the node was down is dropped after an hour, not started with the node.
             self.scheduler.add_job(scheduled_training, trigger, id="scheduled-training", replace_existing=True,
                                    executor="training", misfire_grace_time=3600)

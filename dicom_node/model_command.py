@@ -27,7 +27,7 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     activate.set_defaults(func=activate_command)
     combine = actions.add_parser("combine", parents=[common],
                                  help="one ensemble checkpoint from several trained runs (their answers averaged)")
-    combine.add_argument("version", metavar="VERSION", help="the ensemble's version")
+    combine.add_argument("version", type=version_argument, metavar="VERSION", help="the ensemble's version")
     combine.add_argument("models", nargs="+", metavar="MODEL",
                          help='two or more: "shipped", "active", versions from `model list` or checkpoint folders; '
                               "the first's card, operating point and labels are the ensemble's")
@@ -96,6 +96,22 @@ def starting_checkpoint(config: NodeConfig, name: str, option: str = "--start-fr
         raise ModelChoiceError(f"{option}: {path} holds no readable model card ({exc})") from None
 
 
+def check_new_version(config: NodeConfig, version: str, no_register: bool) -> None:
+    """Refuse, before a checkpoint is written, a version that registering would have to rebind (VersionTakenError)."""
+    from dicom_node.model_registry import check_new_version as check
+    from storage.database import make_engine, make_sessionmaker, missing_database
+
+    if no_register or missing_database(config.storage.database_url) is not None:
+        return  # a node that never ran has nothing registered (and opening would create its database)
+
+    engine = make_engine(config.storage.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            check(session, version)
+    finally:
+        engine.dispose()
+
+
 def registered(config: NodeConfig, out: Path, version: str, no_register: bool) -> str:
     """Record a written checkpoint in the node's database as a version an admin may activate (never active),
     unless asked not to; the words that say so after "written to <out>"."""
@@ -114,13 +130,16 @@ def registered(config: NodeConfig, out: Path, version: str, no_register: bool) -
 
 
 def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
-    from dicom_node.model_registry import list_models
-    from storage.database import make_engine, make_sessionmaker
+    from dicom_node.model_registry import list_models, shipped_entry
+    from storage.database import make_engine, make_sessionmaker, missing_database
 
-    engine = make_engine(config.storage.database_url)
-    with make_sessionmaker(engine)() as session:
-        entries = list_models(session)
-    engine.dispose()
+    if missing_database(config.storage.database_url) is not None:
+        entries = [shipped_entry(active=True)]  # a node that never ran: nothing registered, none activated
+    else:
+        engine = make_engine(config.storage.database_url)
+        with make_sessionmaker(engine)() as session:
+            entries = list_models(session)
+        engine.dispose()
     for entry in entries:
         mark = "*" if entry.active else " "
         if entry.card is None:
@@ -137,14 +156,16 @@ def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
 
 
 def combine_command(config: NodeConfig, args: argparse.Namespace) -> int:
+    from dicom_node.model_registry import VersionTakenError
     from inference.model.litemedsam import WeightsError
     from training.ensemble import EnsembleError, combine
 
     out = args.out or config.storage.path / "models" / args.version
     try:
+        check_new_version(config, args.version, args.no_register)
         folders = [starting_checkpoint(config, name, "model").path for name in args.models]
         combine(folders, out, args.version, tuple(m.upper() for m in args.modality) if args.modality else None)
-    except (ModelChoiceError, EnsembleError, WeightsError, OSError) as exc:
+    except (ModelChoiceError, VersionTakenError, EnsembleError, WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return _announce(config, args, f"ensemble {args.version} of {len(folders)} models", out,
@@ -167,6 +188,7 @@ def point_command(config: NodeConfig, args: argparse.Namespace) -> int:
                          reliability=reliability or KEEP)
     out = args.out or config.storage.path / "models" / args.version
     try:
+        check_new_version(config, args.version, args.no_register)  # a VersionTakenError is a ValueError
         source = starting_checkpoint(config, args.model, "model").path
         repoint(source, out, args.version, change)
     except (ModelChoiceError, WeightsError, ValueError, OSError) as exc:
@@ -186,7 +208,7 @@ def _announce(config: NodeConfig, args: argparse.Namespace, written: str, out: P
 
 
 def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
-    from dicom_node.model_registry import UnknownModelError, activate
+    from dicom_node.model_registry import DamagedModelError, UnknownModelError, activate
     from storage.database import make_engine, make_sessionmaker
 
     engine = make_engine(config.storage.database_url, writer=True)
@@ -195,6 +217,9 @@ def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
             path = activate(session, args.version)
     except UnknownModelError as exc:
         print(f"error: no model {exc} (see dicom-node model list)", file=sys.stderr)
+        return 2
+    except DamagedModelError as exc:
+        print(f"error: {args.version} cannot be activated: {exc}; the active model is unchanged", file=sys.stderr)
         return 2
     finally:
         engine.dispose()

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import ACTIVE_MODEL
-from inference.model.card import CARD_FILE, ModelCard
+from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from storage.models import ModelVersion, now_utc
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
@@ -18,6 +18,17 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 
 class UnknownModelError(LookupError):
     """No registered model version by that name."""
+
+
+class VersionTakenError(ValueError):
+    """A version name already registered: rebinding it would make an active version mean another model."""
+
+    def __init__(self, version: str, path: str) -> None:
+        super().__init__(f"version {version} is registered already ({path}): give the new model a new version name")
+
+
+class DamagedModelError(ValueError):
+    """A checkpoint folder whose model would not load: an unreadable card, or weights missing or changed."""
 
 
 @dataclass(frozen=True)
@@ -29,17 +40,39 @@ class ModelEntry:
     card: ModelCard | None
 
 
-def register(session: Session, folder: Path, version: str) -> None:
-    """Record a trained checkpoint (inactive); registering a version again updates its folder."""
+def check_new_version(session: Session, version: str) -> None:
+    """Refuse a version name that is registered already (commands check before they write a checkpoint)."""
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
-    if row is None:
-        session.add(ModelVersion(version=version, path=str(folder.resolve()), created_at=now_utc()))
-    else:
-        row.path = str(folder.resolve())
+    if row is not None:
+        raise VersionTakenError(version, row.path)
+
+
+def register(session: Session, folder: Path, version: str) -> None:
+    """Record a trained checkpoint (inactive) under a new version name; a name is never rebound."""
+    check_new_version(session, version)
+    session.add(ModelVersion(version=version, path=str(folder.resolve()), created_at=now_utc()))
+
+
+def checked_checkpoint(folder: Path) -> ModelCard:
+    """``folder``'s card, with its weights and any ensemble members' present and matching it: what loading the
+    model checks before it builds the network (no network is built here)."""
+    from inference.model.litemedsam import WeightsError, checked_weights
+
+    try:
+        card = ModelCard.from_json((folder / CARD_FILE).read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise DamagedModelError(f"{folder} holds no readable model card ({exc})") from None
+    try:
+        for name, sha256 in [(WEIGHTS_FILE, card.weights_sha256), *((m.weights, m.sha256) for m in card.members)]:
+            checked_weights(folder / name, sha256)
+    except WeightsError as exc:
+        raise DamagedModelError(str(exc)) from None
+    return card
 
 
 def activate(session: Session, version: str) -> Path:
-    """Make ``version`` the active model (``shipped`` goes back to the shipped one); returns its folder."""
+    """Make ``version`` the active model (``shipped`` goes back to the shipped one); returns its folder. A model
+    that would not load is refused (DamagedModelError), so the active one stays what it was."""
     if version == "shipped":
         session.execute(update(ModelVersion).values(active=False))
         return SHIPPED_MODEL
@@ -48,6 +81,7 @@ def activate(session: Session, version: str) -> Path:
         raise UnknownModelError(version)
     if not (Path(row.path) / CARD_FILE).is_file():
         raise UnknownModelError(f"{version}: {row.path} no longer holds a checkpoint")
+    checked_checkpoint(Path(row.path))
     session.execute(update(ModelVersion).values(active=False))
     row.active, row.activated_at = True, now_utc()
     return Path(row.path)
@@ -81,9 +115,13 @@ def find_model(session: Session, name: str) -> Path:
 def list_models(session: Session) -> list[ModelEntry]:
     rows = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at)).all()
     active = any(r.active for r in rows)
-    entries = [ModelEntry("shipped", SHIPPED_MODEL, not active, True, _card(SHIPPED_MODEL))]
+    entries = [shipped_entry(not active)]
     entries += [ModelEntry(r.version, Path(r.path), r.active, False, _card(Path(r.path))) for r in rows]
     return entries
+
+
+def shipped_entry(active: bool) -> ModelEntry:
+    return ModelEntry("shipped", SHIPPED_MODEL, active, True, _card(SHIPPED_MODEL))
 
 
 def _card(folder: Path) -> ModelCard | None:

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig, Permission
+from dicom_node.scu import PeerUnreachableError, associate
 from storage.models import Delivery, DeliveryAttempt, now_utc
 
 logger = logging.getLogger(__name__)
@@ -181,10 +182,10 @@ def _send(config: NodeConfig, destination: str, items: list[Due], policy: RetryP
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = policy.timeout_s
     for sop_class in {i.sop_class_uid for i in items}:
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "no association (is the destination up?)"
-        return {i.id: (False, reason) for i in items}
+    try:
+        assoc = associate(ae, peer)
+    except PeerUnreachableError as exc:  # a host that does not resolve too: a failed attempt like any other
+        return {i.id: (False, exc.reason) for i in items}
     outcomes: dict[int, tuple[bool, str]] = {}
     try:
         for item in items:

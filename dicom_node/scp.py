@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import status, transport
-from dicom_node.config import NodeConfig, Permission, TLSConfig
+from dicom_node.config import NodeConfig, Permission
 from dicom_node.find import answer_find
 from dicom_node.receive import InstanceReceiver, StoreRequest
 from dicom_node.recovery import recover
@@ -66,7 +65,7 @@ class Node:
         self.server = self.ae.make_server(
             (node.host, node.port),
             evt_handlers=self._handlers(),
-            ssl_context=_server_ssl_context(node.tls) if node.tls else None,
+            ssl_context=node.tls.server_context() if node.tls else None,
             server_class=SharedPortServer if worker else ThreadedAssociationServer,
         )
         self.ae._servers.append(self.server)  # as AE.start_server does: the server's shutdown() expects it
@@ -157,12 +156,3 @@ class Node:
 def _disable_nagle(event: evt.Event) -> None:
     """Small DIMSE responses must not wait for delayed ACKs (13-18 s instead of 0.4 s for a CT series)."""
     transport.disable_nagle(event.assoc.dul.socket.socket)
-
-
-def _server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile=tls.certificate, keyfile=tls.private_key)
-    if tls.ca_file is not None:
-        context.load_verify_locations(cafile=tls.ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context

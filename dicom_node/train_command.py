@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from dicom_node.cli_types import (aligned_overlap_argument, count_argument, lesion_slices_argument,
                                   mask_threshold_argument, presence_argument, version_argument)
 from dicom_node.config import NodeConfig
-from dicom_node.model_command import registered, starting_checkpoint
+from dicom_node.model_command import check_new_version, registered, starting_checkpoint
 
 if TYPE_CHECKING:
     from inference.model.card import ModelCard
@@ -103,6 +103,8 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     from training.sources import SyntheticSpec, from_folder, synthetic
     from training.trainer import TrainConfig
 
+    version = args.version or datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
+    out = args.out or config.storage.path / "models" / version
     try:
         train_config = TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
                                    hard_negative_steps=args.hard_negative_steps,
@@ -116,12 +118,12 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         else:
             base = None
             architecture = training_architecture(args.presence, args.mirror, args.detail, args.context, args.min_mask_pixels)
+        check_new_version(config, version, args.no_register)  # a VersionTakenError is a ValueError
+        check_out_folder(out, args.resume)
     except (TrainingArgumentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    version = args.version or datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
     data = args.data or config.storage.path / "training"
-    out = args.out or config.storage.path / "models" / version
     # The operating point: as asked, else the starting model's (validated with it), else the trainer's.
     min_lesion_slices = args.min_lesion_slices or (base.card.min_lesion_slices if base else 2)
     aligned_overlap = args.aligned_overlap or (base.card.aligned_lesion_overlap if base else None)
@@ -200,12 +202,19 @@ def card_command(argv: list[str]) -> str:
     return "dicom-node " + " ".join(recorded)
 
 
+def check_out_folder(out: Path, resume: bool) -> None:
+    """Refuse an --out that holds files (another run's checkpoint or state) unless --resume continues the run
+    saved there."""
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise TrainingArgumentError(f"{out} holds files already: write the new version to a new folder, or add "
+                                    "--resume to continue the run saved there")
+
+
 def training_architecture(presence: float | None, mirror: bool = False, detail: int | None = None,
                           context: int | None = None, min_mask_pixels: int | None = None) -> dict:
     """The trainer's default architecture, with the presence head on at ``presence`` where given, mirror
     averaging where asked for, the detail branch's width and context and the smallest finding mask where
     given (checked by GroundedConfig: a clear error, not a model that cannot be built)."""
-    from inference.model.grounded import GroundedConfig
     from training.run import DEFAULT_ARCHITECTURE
 
     architecture = dict(DEFAULT_ARCHITECTURE)
@@ -221,17 +230,14 @@ def training_architecture(presence: float | None, mirror: bool = False, detail: 
         architecture["context_slices"] = context
     if min_mask_pixels is not None:
         architecture["min_mask_pixels"] = min_mask_pixels
-    try:
-        GroundedConfig(**architecture)
-    except ValueError as exc:
-        raise TrainingArgumentError(str(exc)) from None
-    return architecture
+    return _checked_architecture(architecture)
 
 
 def fine_tuning_architecture(base: ModelCard, presence: float | None, mirror: bool, detail: int | None,
                              context: int | None, min_mask_pixels: int | None, encoder_precision: str | None) -> dict:
     """The starting model's architecture, which its weights fit; only the operating point may change (the
-    smallest finding mask, mirror averaging). Options that would change its shape are refused, not ignored."""
+    smallest finding mask, mirror averaging), checked as a fresh run's is. Options that would change its shape
+    are refused, not ignored."""
     reshaping = [name for name, value in (("--presence", presence), ("--detail", detail), ("--context", context)) if value is not None]
     if reshaping:
         raise TrainingArgumentError(f"{', '.join(reshaping)} would change the shape of the model --start-from gives; "
@@ -244,6 +250,17 @@ def fine_tuning_architecture(base: ModelCard, presence: float | None, mirror: bo
         architecture["mirror"] = True
     if min_mask_pixels is not None:
         architecture["min_mask_pixels"] = min_mask_pixels
+    return _checked_architecture(architecture)
+
+
+def _checked_architecture(architecture: dict) -> dict:
+    """``architecture`` if GroundedConfig builds it: a clear error before training, not a model that cannot be built."""
+    from inference.model.grounded import GroundedConfig
+
+    try:
+        GroundedConfig(**architecture)
+    except ValueError as exc:
+        raise TrainingArgumentError(str(exc)) from None
     return architecture
 
 

@@ -36,6 +36,17 @@ def make_engine(url: str, writer: bool = False) -> Engine:
     return engine
 
 
+def missing_database(url: str) -> Path | None:
+    """The SQLite file ``url`` names where it does not exist yet (None for a server database: it cannot tell).
+    Read-only commands ask first: ``make_engine`` would create an empty index, and a node that never ran
+    would look like one that received nothing."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
