@@ -467,11 +467,9 @@ def _parse_peer(raw: Any, key: str) -> Peer:
 
 
 def _resolve_sqlite_url(url: str, base_dir: Path) -> str:
-    """sqlite:///relative/path is relative to the config file's folder, like storage.path."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or url == "sqlite:///:memory:":
+    """A relative SQLite path is relative to the config file's folder, like storage.path (any SQLite driver:
+    ``sqlite+pysqlite:///./x`` was left relative to wherever the command ran)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") or Path(parsed.database).is_absolute():
         return url
-    rest = url[len(prefix):]
-    if rest.startswith("/"):
-        return url
-    return prefix + str((base_dir / rest).resolve())
+    return parsed.set(database=str((base_dir / parsed.database).resolve())).render_as_string(hide_password=False)

@@ -120,6 +120,9 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
             architecture = training_architecture(args.presence, args.mirror, args.detail, args.context, args.min_mask_pixels)
         check_new_version(config, version, args.no_register)  # a VersionTakenError is a ValueError
         check_out_folder(out, args.resume)
+        for folder in args.folder:  # before any synthesis or encoding: "no labelled series" hid a typo
+            if not folder.is_dir():
+                raise TrainingArgumentError(f"--folder {folder} is not a folder")
     except (TrainingArgumentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -151,3 +151,12 @@ def test_the_summary_still_lists_every_series(tmp_path, monkeypatch):
     monkeypatch.setattr(analyze, "ModelCache", _StandIns)
     summaries = analyze.analyze_folder(tmp_path / "in", tmp_path / "out", config, None, "", "cpu")
     assert len(json.loads((tmp_path / "out" / "summary.json").read_text())) == len(summaries) == 2
+
+
+@pytest.mark.parametrize("extra", [[], ["--synthetic"]])
+def test_training_from_a_folder_that_does_not_exist_says_so_before_any_work(tmp_path, capsys, extra):
+    config = write_node_config(tmp_path, 11112, [])
+    missing = tmp_path / "exports" / "missing"
+    assert main(["train", "--folder", str(missing), *extra, "--data", str(tmp_path / "td"), "--config", str(config)]) == 2
+    assert f"--folder {missing} is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "td").exists()  # nothing synthesised, nothing encoded

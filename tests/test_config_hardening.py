@@ -5,6 +5,7 @@ import re
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from dicom_node.config import ACTIVE_MODEL, ConfigError, load_config, parse_config
 from dicom_node.jobs import JobService
@@ -121,6 +122,12 @@ def test_the_usual_database_urls_still_load(tmp_path):
     for url in ("postgresql+psycopg://u@db:5432/x", "sqlite:///x.sqlite", "sqlite+pysqlite:///x.sqlite"):
         loaded = parse_config({"storage": {"database_url": url}}, base_dir=tmp_path).storage.database_url
         assert loaded.split(":")[0] == url.split(":")[0]
+
+
+@pytest.mark.parametrize("url", ["sqlite:///./data/x.sqlite", "sqlite+pysqlite:///./data/x.sqlite", "sqlite:///data/x.sqlite"])
+def test_a_relative_sqlite_path_is_relative_to_the_config_file_with_any_driver(tmp_path, url):
+    loaded = make_url(parse_config({"storage": {"database_url": url}}, base_dir=tmp_path).storage.database_url)
+    assert loaded.drivername == make_url(url).drivername and loaded.database == str(tmp_path / "data" / "x.sqlite")
 
 
 # -- TLS -----------------------------------------------------------------------------------------------------

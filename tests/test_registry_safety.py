@@ -9,9 +9,9 @@ import pytest
 
 from dicom_node.cli import main
 from dicom_node.config import load_config
-from dicom_node.model_registry import SHIPPED_MODEL, register
+from dicom_node.model_command import registered
+from dicom_node.model_registry import SHIPPED_MODEL
 from inference.model.card import CARD_FILE, WEIGHTS_FILE
-from storage.database import make_engine, make_sessionmaker
 from tests.localpeers import write_node_config
 
 
@@ -90,13 +90,7 @@ def test_training_into_a_folder_that_holds_files_needs_resume(tmp_path, capsys):
 
 
 def _register(config: Path, folder: Path, version: str) -> None:
-    node = load_config(config)
-    engine = make_engine(node.storage.database_url, writer=True)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            register(session, folder, version)
-    finally:
-        engine.dispose()
+    registered(load_config(config), folder, version, no_register=False)  # as train and model point register
 
 
 def _damaged(folder: Path, damage: str) -> None:
