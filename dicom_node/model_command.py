@@ -117,13 +117,15 @@ def registered(config: NodeConfig, out: Path, version: str, no_register: bool) -
     unless asked not to; the words that say so after "written to <out>"."""
     if no_register:
         return ""
-    from dicom_node.model_registry import register
+    from dicom_node.model_registry import VersionTakenError, register
     from storage.database import make_engine, make_sessionmaker
 
     engine = make_engine(config.storage.database_url, writer=True)
     try:
         with make_sessionmaker(engine)() as session, session.begin():
             register(session, out, version)
+    except VersionTakenError as exc:  # taken while this command ran (checked at its start): the checkpoint stays
+        return f", not registered: {exc}"
     finally:
         engine.dispose()
     return f" and registered (not active: dicom-node model activate {version})"

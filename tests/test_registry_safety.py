@@ -51,6 +51,13 @@ def test_registering_a_version_again_is_refused_and_the_active_model_stays(node,
     assert active(node, capsys) == ("v1", str((tmp_path / "v1").resolve()))
 
 
+def test_a_name_taken_while_a_command_ran_leaves_its_checkpoint_unregistered_without_a_traceback(node, tmp_path, capsys):
+    """`train` checks the name at its start and registers hours later; another run may have taken it since."""
+    said = registered(load_config(node), tmp_path / "late", "v1", no_register=False)
+    assert said.startswith(", not registered: version v1 is registered already")
+    assert active(node, capsys) == ("v1", str((tmp_path / "v1").resolve()))
+
+
 @pytest.mark.parametrize("bad", ["../../x", "a/b", "shipped", "active"])
 def test_an_ensembles_version_name_is_checked_like_any_other(bad, tmp_path, capsys):
     config = write_node_config(tmp_path / "node", 11112, [])
