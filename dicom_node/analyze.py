@@ -103,12 +103,16 @@ def analyze_folder(folder: Path, out: Path, config: NodeConfig, model_path: Path
 
 
 def _resolve(resolved: dict[Path, Path], model: Path, config: NodeConfig) -> Path:
-    """The checkpoint a route's model names (model = "active" asks the node's database, once per run)."""
+    """The checkpoint a route's model names (model = "active" asks the node's database, once per run; with no
+    database yet, the shipped model, and no database is created: analyze works without a node)."""
     if model not in resolved:
         if model == ACTIVE_MODEL:
-            from dicom_node.model_registry import resolve_model
-            from storage.database import make_engine, make_sessionmaker
+            from dicom_node.model_registry import SHIPPED_MODEL, resolve_model
+            from storage.database import make_engine, make_sessionmaker, missing_database
 
+            if missing_database(config.storage.database_url) is not None:  # a node that never ran activated nothing
+                resolved[model] = SHIPPED_MODEL
+                return SHIPPED_MODEL
             engine = make_engine(config.storage.database_url)
             with make_sessionmaker(engine)() as session:
                 resolved[model] = resolve_model(session, model)

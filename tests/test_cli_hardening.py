@@ -115,6 +115,27 @@ def test_an_explicit_question_wins_over_the_routes(given, asked, tmp_path, monke
     assert summary["question"] == asked
 
 
+def test_analyze_with_the_active_model_on_a_node_that_never_ran_uses_the_shipped_one_and_creates_no_database(
+        tmp_path, monkeypatch):
+    from dicom_node import analyze
+    from dicom_node.model_registry import SHIPPED_MODEL
+
+    asked = []
+
+    class Recording(_StandIns):
+        def get(self, path):
+            asked.append(path)
+            return self.model
+
+    config = load_config(write_node_config(tmp_path, 11112, [], extra='\n[[routes]]\nname = "ct"\nmodalities = ["CT"]\n'
+                                                                      'model = "active"\n'))
+    write_toy_ct(tmp_path / "in", "-F-")
+    monkeypatch.setattr(analyze, "ModelCache", Recording)
+    [summary] = analyze.analyze_folder(tmp_path / "in", tmp_path / "out", config, None, "", "cpu")
+    assert "error" not in summary and set(asked) == {SHIPPED_MODEL}
+    assert not (tmp_path / "data").exists()
+
+
 def test_analyze_on_a_folder_without_dicom_fails_before_any_model(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "README.txt").write_text("not DICOM")
