@@ -111,6 +111,8 @@ def crontab_trigger(line: str, timezone: tzinfo | None = None) -> CronTrigger:
     if len(fields) != 5:
         raise ValueError(f"a crontab line has 5 fields (minute hour day month weekday), not {len(fields)}")
     minute, hour, day, month, weekday = fields
+    if day != "*" and weekday != "*":  # crontab runs on either; APScheduler would run only on days that are both
+        raise ValueError("restrict the day of the month or the weekday, not both (crontab and APScheduler disagree)")
     return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_weekdays(weekday),
                        timezone=timezone)
 

@@ -83,7 +83,7 @@ def test_crontab_weekdays_mean_what_they_mean_in_crontab(line, days):
 
 
 @pytest.mark.parametrize("line", ["* * * * 8", "* * * * 1-9", "* * * * funday", "* * * * 5-1", "* * * * */0",
-                                  "every night", "* * * *"])
+                                  "every night", "* * * *", "0 2 1 * mon"])
 def test_a_bad_crontab_line_is_refused_at_load(tmp_path, line):
     bad({"training": {"schedule": line}}, "training.schedule", tmp_path)
 
