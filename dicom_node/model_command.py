@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.cli_types import (Given, aligned_overlap_argument, count_argument, lesion_slices_argument,
                                   mask_threshold_argument, optional, reliability_cuts_argument, version_argument)
 from dicom_node.config import NodeConfig
 from inference.model.card import CARD_FILE, LESION_RULES, LEVELS, ModelCard
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+
+@contextmanager
+def registry(config: NodeConfig, writer: bool = False) -> Iterator[Session]:
+    """A session on the node's database for the registry (in one transaction where it writes), its engine
+    disposed after: each command here opens it once."""
+    from storage.database import make_engine, make_sessionmaker
+
+    engine = make_engine(config.storage.database_url, writer=writer)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin() if writer else nullcontext():
+            yield session
+    finally:
+        engine.dispose()
 
 
 class ModelChoiceError(ValueError):
@@ -80,16 +100,12 @@ def starting_checkpoint(config: NodeConfig, name: str, option: str = "--start-fr
     """The checkpoint a command names (``option`` says which, in the error): "shipped", "active", a registered
     version or a folder (read, not written)."""
     from dicom_node.model_registry import UnknownModelError, find_model
-    from storage.database import make_engine, make_sessionmaker
 
-    engine = make_engine(config.storage.database_url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with registry(config) as session:
             path = find_model(session, name)
     except UnknownModelError as exc:
         raise ModelChoiceError(f"{option}: no model {exc} (see dicom-node model list)") from None
-    finally:
-        engine.dispose()
     try:
         return StartingCheckpoint(path, ModelCard.from_json((path / CARD_FILE).read_text()))
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -99,17 +115,12 @@ def starting_checkpoint(config: NodeConfig, name: str, option: str = "--start-fr
 def check_new_version(config: NodeConfig, version: str, no_register: bool) -> None:
     """Refuse, before a checkpoint is written, a version that registering would have to rebind (VersionTakenError)."""
     from dicom_node.model_registry import check_new_version as check
-    from storage.database import make_engine, make_sessionmaker, missing_database
+    from storage.database import missing_database
 
     if no_register or missing_database(config.storage.database_url) is not None:
         return  # a node that never ran has nothing registered (and opening would create its database)
-
-    engine = make_engine(config.storage.database_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            check(session, version)
-    finally:
-        engine.dispose()
+    with registry(config) as session:
+        check(session, version)
 
 
 def registered(config: NodeConfig, out: Path, version: str, no_register: bool) -> str:
@@ -118,30 +129,24 @@ def registered(config: NodeConfig, out: Path, version: str, no_register: bool) -
     if no_register:
         return ""
     from dicom_node.model_registry import VersionTakenError, register
-    from storage.database import make_engine, make_sessionmaker
 
-    engine = make_engine(config.storage.database_url, writer=True)
     try:
-        with make_sessionmaker(engine)() as session, session.begin():
+        with registry(config, writer=True) as session:
             register(session, out, version)
     except VersionTakenError as exc:  # taken while this command ran (checked at its start): the checkpoint stays
         return f", not registered: {exc}"
-    finally:
-        engine.dispose()
     return f" and registered (not active: dicom-node model activate {version})"
 
 
 def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
     from dicom_node.model_registry import list_models, shipped_entry
-    from storage.database import make_engine, make_sessionmaker, missing_database
+    from storage.database import missing_database
 
     if missing_database(config.storage.database_url) is not None:
         entries = [shipped_entry(active=True)]  # a node that never ran: nothing registered, none activated
     else:
-        engine = make_engine(config.storage.database_url)
-        with make_sessionmaker(engine)() as session:
+        with registry(config) as session:
             entries = list_models(session)
-        engine.dispose()
     for entry in entries:
         mark = "*" if entry.active else " "
         if entry.card is None:
@@ -211,11 +216,9 @@ def _announce(config: NodeConfig, args: argparse.Namespace, written: str, out: P
 
 def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
     from dicom_node.model_registry import DamagedModelError, UnknownModelError, activate
-    from storage.database import make_engine, make_sessionmaker
 
-    engine = make_engine(config.storage.database_url, writer=True)
     try:
-        with make_sessionmaker(engine)() as session, session.begin():
+        with registry(config, writer=True) as session:
             path = activate(session, args.version)
     except UnknownModelError as exc:
         print(f"error: no model {exc} (see dicom-node model list)", file=sys.stderr)
@@ -223,7 +226,5 @@ def activate_command(config: NodeConfig, args: argparse.Namespace) -> int:
     except DamagedModelError as exc:
         print(f"error: {args.version} cannot be activated: {exc}; the active model is unchanged", file=sys.stderr)
         return 2
-    finally:
-        engine.dispose()
     print(f"model {args.version} ({path}) is active; the running node uses it from its next job")
     return 0

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import ACTIVE_MODEL
-from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
+from inference.model.card import CARD_FILE, ModelCard
 from storage.models import ModelVersion, now_utc
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
@@ -56,18 +56,12 @@ def register(session: Session, folder: Path, version: str) -> None:
 def checked_checkpoint(folder: Path) -> ModelCard:
     """``folder``'s card, with its weights and any ensemble members' present and matching it: what loading the
     model checks before it builds the network (no network is built here)."""
-    from inference.model.litemedsam import WeightsError, checked_weights
+    from inference.model.litemedsam import WeightsError, checked_checkpoint
 
     try:
-        card = ModelCard.from_json((folder / CARD_FILE).read_text())
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise DamagedModelError(f"{folder} holds no readable model card ({exc})") from None
-    try:
-        for name, sha256 in [(WEIGHTS_FILE, card.weights_sha256), *((m.weights, m.sha256) for m in card.members)]:
-            checked_weights(folder / name, sha256)
+        return checked_checkpoint(folder)
     except WeightsError as exc:
         raise DamagedModelError(str(exc)) from None
-    return card
 
 
 def activate(session: Session, version: str) -> Path:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from inference.model.grounded import GroundedConfig
-from inference.model.litemedsam import checked_weights
+from inference.model.litemedsam import checked_checkpoint
 
 KEEP = object()  # a setting left as the source card has it
 
 
 class RepointError(ValueError):
-    """A new point that cannot be written (nothing changed, no checkpoint there, or out holds one)."""
+    """A new point that cannot be written (nothing changed, or out holds a checkpoint; a source whose card or
+    weights do not read is a WeightsError, as for every checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,7 @@ def repoint(folder: Path, out: Path, version: str, change: PointChange) -> Model
         raise RepointError("no operating-point setting given: nothing would change")
     if (out / CARD_FILE).exists() or out.resolve() == folder.resolve():
         raise RepointError(f"{out} holds a checkpoint already: write the new version to a new folder")
-    try:
-        source = ModelCard.from_json((folder / CARD_FILE).read_text())
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise RepointError(f"{folder} holds no readable model card ({exc})") from None
-    checked_weights(folder / WEIGHTS_FILE, source.weights_sha256)
-    for member in source.members:
-        checked_weights(folder / member.weights, member.sha256)
+    source = checked_checkpoint(folder)
     architecture = dict(source.architecture)
     if "min_mask_pixels" in changes:
         architecture["min_mask_pixels"] = changes.pop("min_mask_pixels")

@@ -8,8 +8,12 @@ prompt encoder's positional encoding and the SAM mask decoder start from these w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from inference.model.card import ModelCard
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
@@ -47,6 +51,21 @@ def checked_weights(path: Path, recorded: str = "") -> str:
     if recorded and actual != recorded:
         raise WeightsError(f"{path} does not match the SHA-256 recorded in its model card")
     return actual
+
+
+def checked_checkpoint(folder: Path) -> ModelCard:
+    """``folder``'s card, with its heads' and any ensemble members' weights present and matching it (no network
+    is built): what `model point` copies and `model activate` takes, checked before either."""
+    from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
+
+    try:
+        card = ModelCard.from_json((folder / CARD_FILE).read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise WeightsError(f"{folder} holds no readable model card ({exc})") from None
+    checked_weights(folder / WEIGHTS_FILE, card.weights_sha256)
+    for member in card.members:
+        checked_weights(folder / member.weights, member.sha256)
+    return card
 
 
 def load_litemedsam(pretrained: bool = True) -> torch.nn.Module:
