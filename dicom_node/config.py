@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError
 
 from dicom_node.config_values import (ConfigError, crontab_trigger, existing_file, get_flag, get_port, get_positive, get_strings,
                                       get_table, get_value, reject_unknown, validate_ae_title)
+from inference.model.markers import MODEL_MARKERS
 from inference.model.precision import EncoderPrecision
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -329,7 +330,7 @@ def _parse_route(raw: Any, key: str, base_dir: Path) -> Route:
     if not name:  # base_dir / "" is the config file's folder
         raise ConfigError(f"{key}.model", '"" must be "active" or a model folder')
     model = ACTIVE_MODEL if name == ACTIVE_MODEL.name else base_dir / name
-    if model != ACTIVE_MODEL and not model.is_dir():
+    if model != ACTIVE_MODEL and not any((model / marker).is_file() for marker in MODEL_MARKERS):
         raise ConfigError(f"{key}.model", f"{model} is not a model folder (a checkpoint with model_card.json, or a "
                                           "UniBiomed folder with config.json)")
     return Route(

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from dicom_node.cli import main
 from dicom_node.config import load_config
 from dicom_node.outbox import FAILED, RetryPolicy, deliver_due, enqueue
+from inference.model.card import CARD_FILE
 from storage.database import make_engine, make_sessionmaker
 from storage.models import Delivery
 from tests.localpeers import free_port, write_node_config
@@ -107,6 +108,7 @@ def test_an_explicit_question_wins_over_the_routes(given, asked, tmp_path, monke
     from dicom_node import analyze
 
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / CARD_FILE).write_text("{}")  # a model folder to the route; ModelCache is replaced
     route = '\n[[routes]]\nname = "ct"\nmodalities = ["CT"]\nquestion = "Is there a nodule in this CT image?"\nmodel = "model"\n'
     config = load_config(write_node_config(tmp_path, 11112, [], extra=route))
     write_toy_ct(tmp_path / "in", "-FF-")
@@ -165,6 +167,7 @@ def test_the_summary_still_lists_every_series(tmp_path, monkeypatch):
     from dicom_node import analyze
 
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / CARD_FILE).write_text("{}")  # a model folder to the route; ModelCache is replaced
     config = load_config(write_node_config(tmp_path, 11112, [],
                                            extra='\n[[routes]]\nname = "ct"\nmodalities = ["CT"]\nmodel = "model"\n'))
     write_toy_ct(tmp_path / "in" / "a", "-F-")

@@ -126,6 +126,7 @@ def test_routes_pick_the_first_match_and_everything_else_is_stored_only(tmp_path
     from dicom_node.config import ACTIVE_MODEL
 
     (tmp_path / "brain").mkdir()
+    (tmp_path / "brain" / "config.json").write_text("{}")
     config = parse_config({
         "peers": [{"ae_title": "PACS", "completion_wait_s": 5}, {"ae_title": "CT1"}],
         "jobs": {"completion_wait_s": 20},

@@ -45,6 +45,15 @@ def test_a_route_model_folder_holds_a_checkpoint_or_a_unibiomed_model(tmp_path):
     assert [r.model for r in config.routes] == [tmp_path / "builtin", tmp_path / "unibiomed", ACTIVE_MODEL]
 
 
+def test_a_route_naming_a_folder_without_a_model_is_refused_at_load(tmp_path):
+    """A folder that exists but holds no model (a typo'd version, the models folder itself) passed the check;
+    the node then failed every job of the route "holds no model"."""
+    (tmp_path / "models" / "v1").mkdir(parents=True)
+    (tmp_path / "models" / "v1" / "weights.safetensors").write_bytes(b"")
+    for name in ("models", "models/v1"):
+        bad({"routes": [{"name": "ct", "model": name}]}, "routes[0].model", tmp_path, ".*is not a model folder")
+
+
 # -- the training schedule -----------------------------------------------------------------------------------
 
 SUNDAY_NOON = (2026, 3, 1, 12, 0)  # 1 March 2026 was a Sunday

@@ -20,7 +20,7 @@ from tests.conftest import TEST_PEERS
 from tests.localpeers import free_port, write_node_config
 from tests.synthetic import axial_positions, write_toy_ct
 from tests.test_delivery import NOW, outbox_setup, pacs  # noqa: F401 - fixture
-from tests.test_jobs import detect, no_model, node_factory, queued_job, send  # noqa: F401 - fixtures
+from tests.test_jobs import NO_WEIGHTS, detect, no_model, node_factory, queued_job, send  # noqa: F401 - fixtures
 from tests.test_outputs_seg import series_with_lesions  # noqa: F401 - fixture
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -90,7 +90,7 @@ def test_a_job_whose_finish_and_failure_both_cannot_commit_is_queued_again_by_th
 
     service.run(decision.job_id)  # its retry counts as the last attempt: failed with the reason, not running
     status, attempts, error = job_state(service, decision.job_id)
-    assert (status, attempts) == ("failed", 2) and "holds no model" in error
+    assert (status, attempts) == ("failed", 2) and NO_WEIGHTS in error
     service.check()
     assert job_state(service, decision.job_id)[0] == "failed"
 

@@ -14,12 +14,14 @@ from dicom_node.completion import anything_to_judge, detect_complete
 from dicom_node.config import LateArrival, load_config
 from dicom_node.jobs import JobService
 from dicom_node.scp import Node
+from inference.model.card import CARD_FILE
 from storage.models import Delivery, Instance, Job, Series, SeriesCompletion
 from tests.conftest import TEST_PEERS
 from tests.localpeers import free_port, storescu, write_node_config
 from tests.synthetic import axial_positions, write_slices, write_toy_ct
 
 EPOCH = datetime(2000, 1, 1)
+NO_WEIGHTS = "is not a checkpoint"  # what loading the no_model fixture's folder says
 
 
 def jobs_toml(model, wait=5.0, extra_jobs="", modalities=("CT",), tail="") -> str:
@@ -46,8 +48,10 @@ def node_factory(tmp_path):
 
 @pytest.fixture
 def no_model(tmp_path):
-    folder = tmp_path / "not-a-model"
+    """A route's model folder that passes the configuration check but cannot load: its weights are gone."""
+    folder = tmp_path / "weights-gone"
     folder.mkdir()
+    (folder / CARD_FILE).write_text("{}")
     return folder
 
 
@@ -146,7 +150,7 @@ def test_a_failing_job_is_retried_with_backoff_then_failed_with_its_reason(node_
     service.run(decision.job_id)
     with service.sessions() as session:
         job = session.get(Job, decision.job_id)
-        assert (job.status, job.attempts) == ("queued", 1) and "holds no model" in job.error
+        assert (job.status, job.attempts) == ("queued", 1) and NO_WEIGHTS in job.error
         assert timedelta(seconds=25) < job.next_attempt_at - datetime.utcnow() <= timedelta(seconds=30)
     service.run(decision.job_id)
     with service.sessions() as session:
@@ -155,7 +159,7 @@ def test_a_failing_job_is_retried_with_backoff_then_failed_with_its_reason(node_
 
     assert main(["status", "--config", str(config.source)]) == 0
     out = capsys.readouterr().out
-    assert "1 failed" in out and "holds no model" in out and f"dicom-node retry {decision.job_id}" in out
+    assert "1 failed" in out and NO_WEIGHTS in out and f"dicom-node retry {decision.job_id}" in out
     assert main(["retry", str(decision.job_id), "--config", str(config.source)]) == 0
     with service.sessions() as session:
         job = session.get(Job, decision.job_id)

@@ -166,6 +166,7 @@ class Trainer:
         """Continue from ``state.pt`` in the output folder, if there is one."""
         path = self.out / STATE_FILE
         if not path.is_file():
+            logger.info("nothing to resume in %s (no %s): starting at step 0", self.out, STATE_FILE)
             return False
         state = torch.load(path, weights_only=False)
         self.model.network.load_state_dict(state["weights"], strict=False)

@@ -18,9 +18,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from inference.model.markers import CARD_FILE  # noqa: F401 - the card's file name, imported from here by its users
 from inference.preprocess import Normalization
 
-CARD_FILE = "model_card.json"
 ENCODER_PRECISIONS = ("bf16", "fp32")
 LESION_RULES = ("worst", "median")  # how a 3D lesion's reliability follows from its slices' (inference.reliability)
 LEVELS = ("high", "medium", "low")  # the reliability levels, best first (inference.reliability.Reliability)

@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from inference.model.card import CARD_FILE
+from inference.model.markers import CARD_FILE, UNIBIOMED_CONFIG
 from inference.model.litemedsam import WeightsError
 from inference.model.precision import EncoderPrecision
 from inference.model.protocol import GroundedModel
@@ -27,11 +27,11 @@ def load_model(path: Path, device: str = "auto", precision: EncoderPrecision | s
         if compile_encoder:
             model.prepare_compiled_encoder()
         return model
-    if (path / "config.json").is_file():
+    if (path / UNIBIOMED_CONFIG).is_file():
         from inference.model.unibiomed import UniBiomedModel
 
         return UniBiomedModel(path, device)
-    raise WeightsError(f"{path} holds no model ({CARD_FILE} for a built-in checkpoint, config.json for UniBiomed)")
+    raise WeightsError(f"{path} holds no model ({CARD_FILE} for a built-in checkpoint, {UNIBIOMED_CONFIG} for UniBiomed)")
 
 
 class ModelCache:
