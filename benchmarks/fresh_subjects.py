@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.subjects import add_subject_arguments, subjects
 from inference.model.card import CARD_FILE, ModelCard
+from storage.files import write_text_durably
 from training.cache import CachedEncoderModel
 from training.evaluate import evaluate
 
@@ -54,7 +55,7 @@ def update_card(folder: Path, metrics: dict) -> None:
     """Replace the card's held-out figures, keeping what it records of its training."""
     card = ModelCard.from_json((folder / CARD_FILE).read_text())
     card = dataclasses.replace(card, metrics={**metrics, "training": card.metrics.get("training", {})})
-    (folder / CARD_FILE).write_text(card.to_json())
+    write_text_durably(folder / CARD_FILE, card.to_json())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ run cut off resumes from its ``state.pt`` and the encoder cache in ``DIR/data``)
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import shlex
 import subprocess
 import sys
@@ -38,6 +40,7 @@ SCORED = "scored"  # marks the scoring step done (the card it updates exists bef
 TRAINED = "history.json"  # `train` writes it last: its card exists, without held-out figures, while it evaluates
 REPLACED = ("--out", "--data", "--version")  # options of a recorded command that the reproduction sets itself
 DROPPED = ("--resume",)
+LOCK_FILE = ".reproduction.lock"
 
 
 class RecipeError(ValueError):
@@ -140,6 +143,19 @@ def chosen(steps: list[Step], names: list[str]) -> list[Step]:
     return [s for s in steps if s.name in names]
 
 
+def locked(work: Path) -> int:
+    """A descriptor holding ``work``'s lock: two reproductions in one folder would train into the same
+    ``state.pt`` and cache files. Raises RecipeError where another (or a step it left running) holds it."""
+    work.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(work / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RecipeError(f"another reproduction, or a step one left running, is using {work}") from None
+    return descriptor
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for the data, the encoder cache and the models")
@@ -150,15 +166,17 @@ def main() -> int:
     card = ModelCard.from_json((SHIPPED / CARD_FILE).read_text())
     try:
         steps = chosen(reproduction_plan(card, args.work.resolve()), args.step)
+        lock = None if args.dry_run else locked(args.work)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for step in steps:
         finished = step.done is not None and step.done.exists()
         print(f"[{step.name}] {'done' if finished else 'run'}: {shlex.join(_command(step))}", flush=True)
-        if finished or args.dry_run:
+        if finished or lock is None:
             continue
-        code = subprocess.run(_command(step), cwd=ROOT).returncode
+        # The step inherits the lock: a runner killed alone leaves its step running, and the folder locked with it.
+        code = subprocess.run(_command(step), cwd=ROOT, pass_fds=(lock,)).returncode
         if code:
             print(f"[{step.name}] failed (exit {code}); the same command goes on from here", file=sys.stderr)
             return code

@@ -146,6 +146,25 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def replace_durably(temporary: Path, path: Path) -> None:
+    """Move a fully written ``temporary`` (in ``path``'s folder) onto ``path``: after a crash or power cut
+    ``path`` holds the old content or the new, never a partial file that a resumed run would trust."""
+    with open(temporary, "rb") as fh:
+        os.fsync(fh.fileno())
+    temporary.replace(path)
+    fsync_dir(path.parent)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """``path.write_text(text)``, atomically and durably (model cards, which mark a step of a run as done)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(text)
+        replace_durably(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink()

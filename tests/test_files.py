@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from storage.files import TEMP_PREFIX, FileStore, StorageFullError
+from storage.files import TEMP_PREFIX, FileStore, StorageFullError, write_text_durably
 from storage.uids import InvalidUIDError
 
 
@@ -82,3 +82,15 @@ def test_a_folder_another_writer_created_is_made_durable_before_a_file_lands_in_
     store.write(store.path_for("1.2", "1.2.4", "1.2.4.1"), [b"another series"])
     # once per folder: the second instance syncs only its own entry; a new series only up to the known study
     assert synced == [tmp_path / "1.2" / "1.2.3", tmp_path / "1.2", tmp_path / "1.2" / "1.2.4"]
+
+
+def test_a_card_rewritten_durably_is_the_old_or_the_new_never_a_part(tmp_path):
+    """Model cards mark a training step as done: one cut off mid-write was trusted by a resumed run, then
+    failed every later step. A write that fails leaves the old card and no temporary file."""
+    card = tmp_path / "model_card.json"
+    write_text_durably(card, '{"version": "1"}')
+    with pytest.raises(UnicodeEncodeError):
+        write_text_durably(card, '{"version": "2", "note": "\udc80"}')  # fails part-way through the write
+    assert card.read_text() == '{"version": "1"}' and sorted(p.name for p in tmp_path.iterdir()) == [card.name]
+    write_text_durably(card, '{"version": "2"}')
+    assert card.read_text() == '{"version": "2"}' and sorted(p.name for p in tmp_path.iterdir()) == [card.name]

@@ -1,11 +1,13 @@
 """The shipped model's reproduction recipe, read from its card: the runs as recorded, the ensemble, the point."""
 
 import dataclasses
+import os
 import shlex
+import subprocess
 
 import pytest
 
-from benchmarks.reproduce_shipped import SHIPPED, RecipeError, chosen, recorded_train, reproduction_plan
+from benchmarks.reproduce_shipped import SHIPPED, RecipeError, chosen, locked, recorded_train, reproduction_plan
 from inference.model.card import CARD_FILE, ModelCard
 
 
@@ -97,3 +99,20 @@ def test_a_chosen_step_runs_alone_and_an_unknown_name_is_refused_with_the_names(
     assert chosen(steps, []) == steps
     with pytest.raises(RecipeError, match=r"no step 'train mr16'; the steps are 'train 1\.4\.1'"):
         chosen(steps, ["train mr16"])
+
+
+def test_one_reproduction_at_a_time_in_a_folder_even_where_its_runner_was_killed_alone(tmp_path):
+    """Two runners in one folder trained into the same state.pt and cache files; a runner killed alone left its
+    `train` step running, and a second runner started another beside it."""
+    lock = locked(tmp_path)
+    with pytest.raises(RecipeError, match="another reproduction"):
+        locked(tmp_path)
+    step = subprocess.Popen(["sleep", "60"], pass_fds=(lock,))  # a step the runner started, as main starts it
+    os.close(lock)  # the runner gone
+    try:
+        with pytest.raises(RecipeError, match="a step one left running"):
+            locked(tmp_path)
+    finally:
+        step.kill()
+        step.wait()
+    os.close(locked(tmp_path))  # free again once the step has ended

@@ -12,6 +12,7 @@ import torch
 
 from inference.model.builtin import BuiltinModel, mirror_images
 from inference.model.litemedsam import LITEMEDSAM_SHA256
+from storage.files import replace_durably
 
 
 EMBEDDING_SHAPE = (256, 64, 64)  # LiteMedSAM's image embedding of one slice
@@ -66,7 +67,7 @@ def _save_whole(embedding: torch.Tensor, path: Path) -> None:
     try:
         path.parent.mkdir(exist_ok=True)
         torch.save(embedding.clone(), temporary)
-        temporary.replace(path)
+        replace_durably(temporary, path)
     except (OSError, RuntimeError) as exc:  # torch reports a short write as RuntimeError
         temporary.unlink(missing_ok=True)
         raise CacheWriteError(f"cannot write the encoder cache in {path.parent.parent} ({exc}); "

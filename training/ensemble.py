@@ -12,9 +12,14 @@ from pathlib import Path
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, EnsembleMember, ModelCard
 from inference.model.grounded import GroundedConfig
 from inference.model.litemedsam import checked_weights
+from storage.files import write_text_durably
 
 # What every member must share with the first: its heads must fit the first's network and answer the same input.
 SHARED = ("architecture", "encoder_precision", "input_size", "normalization")
+# Architecture fields that say where a finding is called, not what the heads are: the ensemble answers at the
+# first run's point until `model point` moves it, so runs trained at other points combine (the shipped model's
+# first run was trained at 30 px, its others at 10).
+OPERATING_POINT = ("min_mask_pixels", "mask_threshold", "presence_threshold")
 
 
 class EnsembleError(ValueError):
@@ -38,7 +43,7 @@ def combine(folders: list[Path], out: Path, version: str, modalities: tuple[str,
         raise EnsembleError(refusal)
     members = []
     for number, (folder, card) in enumerate(zip(folders[1:], cards[1:]), 1):
-        differing = [name for name in SHARED if getattr(card, name) != getattr(first, name)]
+        differing = [name for name in SHARED if _shared(card, name) != _shared(first, name)]
         if differing:
             raise EnsembleError(f"{folder} differs from {folders[0]} in {', '.join(differing)}: its heads cannot be averaged with it")
         shared = tuple(m for m in first.modalities if m in card.modalities and (modalities is None or m in modalities))
@@ -55,8 +60,15 @@ def combine(folders: list[Path], out: Path, version: str, modalities: tuple[str,
     shutil.copyfile(folders[0] / WEIGHTS_FILE, out / WEIGHTS_FILE)
     for folder, member in zip(folders[1:], members):
         shutil.copyfile(folder / WEIGHTS_FILE, out / member.weights)
-    (out / CARD_FILE).write_text(ensemble.to_json())
+    write_text_durably(out / CARD_FILE, ensemble.to_json())
     return ensemble
+
+
+def _shared(card: ModelCard, name: str) -> object:
+    """A card's ``name`` as members must share it: the architecture without its operating point."""
+    if name == "architecture":
+        return {k: v for k, v in card.architecture.items() if k not in OPERATING_POINT}
+    return getattr(card, name)
 
 
 def _checked_card(folder: Path) -> ModelCard:

@@ -13,6 +13,7 @@ from pathlib import Path
 from inference.model.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from inference.model.grounded import GroundedConfig
 from inference.model.litemedsam import checked_checkpoint
+from storage.files import write_text_durably
 
 KEEP = object()  # a setting left as the source card has it
 
@@ -59,5 +60,5 @@ def repoint(folder: Path, out: Path, version: str, change: PointChange) -> Model
     out.mkdir(parents=True, exist_ok=True)
     for name in [WEIGHTS_FILE, *(m.weights for m in source.members)]:
         shutil.copyfile(folder / name, out / name)
-    (out / CARD_FILE).write_text(card.to_json())
+    write_text_durably(out / CARD_FILE, card.to_json())
     return card

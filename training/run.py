@@ -19,6 +19,7 @@ from inference.model.card import CARD_FILE, ModelCard
 from inference.model.litemedsam import ArchitectureError, WeightsError
 from inference.model.grounded import GroundedConfig
 from inference.model.vocabulary import build_tokenizer
+from storage.files import write_text_durably
 from training.cache import CachedEncoderModel, EmbeddingCache, StoredEmbeddings
 from training.dataset import SliceSample, series_samples
 from training.detail_stacks import DetailStacks
@@ -180,6 +181,6 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
         "minutes": round((time.time() - started) / 60, 1), "command": request.command, "seed": request.config.seed,
     }
     card = dataclasses.replace(trained.card, metrics=metrics)
-    (request.out / CARD_FILE).write_text(card.to_json())
+    write_text_durably(request.out / CARD_FILE, card.to_json())
     (request.out / "history.json").write_text(json.dumps(history))
     return card

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from inference.model.builtin import BuiltinModel
 from inference.model.precision import native_bf16
 from inference.model.protocol import recognition_question
+from storage.files import replace_durably
 from training.cache import StoredEmbeddings
 from training.dataset import SliceSample
 from training.detail_stacks import DetailStacks
@@ -191,7 +192,7 @@ class Trainer:
         }
         temporary = self.out / (STATE_FILE + ".tmp")
         torch.save(state, temporary)
-        temporary.replace(self.out / STATE_FILE)
+        replace_durably(temporary, self.out / STATE_FILE)
 
     def batch(self) -> list[int]:
         modality = self.modalities[self.step % len(self.modalities)]

@@ -26,6 +26,7 @@ from inference.model.grounded import FROZEN_PREFIXES, TIED_OUTPUT, GroundedConfi
 from inference.model.litemedsam import ArchitectureError, WeightsError, checked_weights, load_litemedsam
 from inference.model.precision import EncoderPrecision, encoder_bf16
 from inference.model.protocol import NO_FINDINGS, Answer, Interpretation, ModelScope, question_modality
+from storage.files import write_text_durably
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class BuiltinModel:
             save_file(trainable_weights(network, dtype), folder / member.weights, metadata={"format": "pt", "version": member.version})
             members.append(dataclasses.replace(member, sha256=sha256_of(folder / member.weights)))
         self.card = dataclasses.replace(self.card, weights_sha256=sha256_of(folder / WEIGHTS_FILE), members=tuple(members))
-        (folder / CARD_FILE).write_text(self.card.to_json())
+        write_text_durably(folder / CARD_FILE, self.card.to_json())
         return self.card
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
