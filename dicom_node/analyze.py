@@ -108,15 +108,13 @@ def _resolve(resolved: dict[Path, Path], model: Path, config: NodeConfig) -> Pat
     if model not in resolved:
         if model == ACTIVE_MODEL:
             from dicom_node.model_registry import SHIPPED_MODEL, resolve_model
-            from storage.database import make_engine, make_sessionmaker, missing_database
+            from storage.database import missing_database, opened
 
             if missing_database(config.storage.database_url) is not None:  # a node that never ran activated nothing
                 resolved[model] = SHIPPED_MODEL
                 return SHIPPED_MODEL
-            engine = make_engine(config.storage.database_url)
-            with make_sessionmaker(engine)() as session:
+            with opened(config.storage.database_url) as sessions, sessions() as session:
                 resolved[model] = resolve_model(session, model)
-            engine.dispose()
         else:
             resolved[model] = model
     return resolved[model]

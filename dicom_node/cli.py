@@ -181,14 +181,12 @@ def _echo(config: NodeConfig, args: argparse.Namespace) -> int:
 def _status(config: NodeConfig, _args: argparse.Namespace) -> int:
     from dicom_node.outbox import summarize_outbox
     from dicom_node.report import summarize, summarize_jobs
-    from storage.database import make_engine, make_sessionmaker
+    from storage.database import opened
 
-    engine = make_engine(config.storage.database_url)
-    with make_sessionmaker(engine)() as session:
+    with opened(config.storage.database_url) as sessions, sessions() as session:
         summary = summarize(session, config.storage.path)
         outbox = summarize_outbox(session)
         jobs = summarize_jobs(session)
-    engine.dispose()
     print(f"patients   {summary.patients}")
     print(f"studies    {summary.studies}")
     print(f"series     {summary.series}")
@@ -229,11 +227,10 @@ def _retry(config: NodeConfig, args: argparse.Namespace) -> int:
 
 def _requeue(config: NodeConfig, requeue: Callable[[sessionmaker, int], bool], ident: int, missing: str, done: str) -> int:
     """Run an outbox or job re-queue against the node's database and report it."""
-    from storage.database import make_engine, make_sessionmaker
+    from storage.database import opened
 
-    engine = make_engine(config.storage.database_url, writer=True)
-    found = requeue(make_sessionmaker(engine), ident)
-    engine.dispose()
+    with opened(config.storage.database_url, writer=True) as sessions:
+        found = requeue(sessions, ident)
     if not found:
         print(f"error: {missing}", file=sys.stderr)
         return 2

@@ -23,14 +23,11 @@ if TYPE_CHECKING:
 def registry(config: NodeConfig, writer: bool = False) -> Iterator[Session]:
     """A session on the node's database for the registry (in one transaction where it writes), its engine
     disposed after: each command here opens it once."""
-    from storage.database import make_engine, make_sessionmaker
+    from storage.database import opened
 
-    engine = make_engine(config.storage.database_url, writer=writer)
-    try:
-        with make_sessionmaker(engine)() as session, session.begin() if writer else nullcontext():
-            yield session
-    finally:
-        engine.dispose()
+    with (opened(config.storage.database_url, writer=writer) as sessions, sessions() as session,
+          session.begin() if writer else nullcontext()):
+        yield session
 
 
 class ModelChoiceError(ValueError):

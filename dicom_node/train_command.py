@@ -166,15 +166,11 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
 
 def stored_series(config: NodeConfig, modality: str | None, label: str | None, since: date | None) -> list[LabeledSeries]:
     """--from-store's series: those in the node's index with a ground-truth SEG, as training reads them."""
-    from storage.database import make_engine, make_sessionmaker
+    from storage.database import opened
     from training.sources import from_store
 
-    engine = make_engine(config.storage.database_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            return from_store(session, config.storage.path, modality, label, since)
-    finally:
-        engine.dispose()
+    with opened(config.storage.database_url) as sessions, sessions() as session:
+        return from_store(session, config.storage.path, modality, label, since)
 
 
 def synthetic_description(spec: SyntheticSpec) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -49,6 +51,17 @@ def missing_database(url: str) -> Path | None:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def opened(url: str, writer: bool = False) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the database for one command-line command, its engine disposed after (the node keeps its
+    own engine for its lifetime)."""
+    engine = make_engine(url, writer=writer)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
 
 
 def _no_implicit_begin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
