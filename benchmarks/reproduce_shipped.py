@@ -29,7 +29,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.model.builtin import pick_device
 from inference.model.card import CARD_FILE, ModelCard
+from inference.model.precision import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]  # where `dicom-node` finds config.toml
 SHIPPED = ROOT / "models" / "default"
@@ -41,6 +43,11 @@ TRAINED = "history.json"  # `train` writes it last: its card exists, without hel
 REPLACED = ("--out", "--data", "--version")  # options of a recorded command that the reproduction sets itself
 DROPPED = ("--resume",)
 LOCK_FILE = ".reproduction.lock"
+# bf16 autocast of the heads' training. A device without native bf16 emulates it: on 2 AMD EPYC (AVX2) cores a
+# bf16 256x1024x256 matmul took 516 ms against 10 in fp32, a 16-channel 256x256 convolution 3.2 s against 0.08,
+# so a run recorded with it would take days there; such a reproduction trains those heads in fp32 (the other
+# runs of the shipped model were), unless --as-recorded.
+AUTOCAST = "--autocast"
 
 
 class RecipeError(ValueError):
@@ -65,10 +72,12 @@ def _records(card: ModelCard) -> list[dict]:
     return records
 
 
-def recorded_train(command: str, out: Path, data: Path, version: str) -> tuple[str, ...]:
+def recorded_train(command: str, out: Path, data: Path, version: str, autocast: bool = True) -> tuple[str, ...]:
     """A recorded ``dicom-node train`` command's options, with this reproduction's folders and version (and
-    ``--resume``, so that running the step again goes on where it stopped)."""
+    ``--resume``, so that running the step again goes on where it stopped); without ``--autocast`` where
+    ``autocast`` is False (AUTOCAST)."""
     tokens = shlex.split(command)[2:]
+    dropped = DROPPED if autocast else (*DROPPED, AUTOCAST)
     kept, skip = [], False
     for token in tokens:
         option = token.split("=", 1)[0]
@@ -76,7 +85,7 @@ def recorded_train(command: str, out: Path, data: Path, version: str) -> tuple[s
             skip = False
         elif option in REPLACED:
             skip = "=" not in token
-        elif option not in DROPPED:
+        elif option not in dropped:
             kept.append(token)
     return ("train", *kept, "--version", version, "--out", str(out), "--data", str(data), "--resume")
 
@@ -100,12 +109,13 @@ def point_options(card: ModelCard) -> tuple[str, ...]:
             "--short-lesion-cap", policy.short_lesion_cap)
 
 
-def reproduction_plan(card: ModelCard, work: Path, shipped: Path = SHIPPED) -> list[Step]:
-    """The steps that make the card's model again under ``work`` and compare it with ``shipped``."""
+def reproduction_plan(card: ModelCard, work: Path, shipped: Path = SHIPPED, autocast: bool = True) -> list[Step]:
+    """The steps that make the card's model again under ``work`` and compare it with ``shipped`` (its runs
+    recorded with ``--autocast`` trained without it where ``autocast`` is False)."""
     data, model = work / "data", work / "model"
     records = _records(card)
     runs = [work / "runs" / r["version"] for r in records]
-    steps = [Step(f"train {r['version']}", recorded_train(r["command"], out, data, r["version"]), "dicom-node",
+    steps = [Step(f"train {r['version']}", recorded_train(r["command"], out, data, r["version"], autocast), "dicom-node",
                   out / TRAINED) for r, out in zip(records, runs)]
     if card.members:
         modalities = {m.modalities for m in card.members}
@@ -162,10 +172,16 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the steps and stop")
     parser.add_argument("--step", action="append", default=[], metavar="NAME",
                         help='run only this step (repeatable), e.g. --step "train mr160"; --dry-run lists the names')
+    parser.add_argument("--as-recorded", action="store_true",
+                        help="keep --autocast where it was recorded even where this machine emulates bf16 (days on such CPUs)")
     args = parser.parse_args()
     card = ModelCard.from_json((SHIPPED / CARD_FILE).read_text())
+    autocast = args.as_recorded or native_bf16(pick_device())
+    if not autocast and any(AUTOCAST in shlex.split(r["command"]) for r in _records(card)):
+        print(f"note: {pick_device()} has no native bf16: runs recorded with {AUTOCAST} train their heads in fp32 "
+              "(--as-recorded keeps it)", flush=True)
     try:
-        steps = chosen(reproduction_plan(card, args.work.resolve()), args.step)
+        steps = chosen(reproduction_plan(card, args.work.resolve(), autocast=autocast), args.step)
         lock = None if args.dry_run else locked(args.work)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
