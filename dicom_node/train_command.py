@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.cli_types import (aligned_overlap_argument, count_argument, lesion_slices_argument,
                                   mask_threshold_argument, presence_argument, version_argument)
@@ -32,7 +35,9 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     train.add_argument("--from-store", action="store_true", help="series in the node's store with a ground-truth SEG")
     train.add_argument("--label", help="only series whose SEG has a segment label containing this text")
     train.add_argument("--modality", help="only this modality (CT, MR)")
-    train.add_argument("--since", type=date.fromisoformat, help="only studies from this date (YYYY-MM-DD) on")
+    train.add_argument("--since", type=date.fromisoformat,
+                       help="with --from-store: only studies from this date (YYYY-MM-DD) on, by the Study Date the "
+                            "node indexed (a --folder is trained on as exported)")
     train.add_argument("--out", type=Path, help="checkpoint folder (default: <storage>/models/<version>)")
     train.add_argument("--version", type=version_argument,
                        help="version name: letters, digits, '.', '_', '-' (default: train-<UTC time>)")
@@ -100,12 +105,14 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
 def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     from training.cache import CacheWriteError
     from training.run import TrainingDataError, TrainRequest, run_training
-    from training.sources import SyntheticSpec, from_folder, synthetic
     from training.trainer import TrainConfig
 
     version = args.version or datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
     out = args.out or config.storage.path / "models" / version
     try:
+        if args.since and not args.from_store:
+            raise TrainingArgumentError("--since applies to --from-store, whose studies the node indexed by date; "
+                                        "a --folder or the synthetic data is trained on as it is")
         train_config = TrainConfig(steps=args.steps or TrainConfig.steps, seed=args.seed, autocast=args.autocast,
                                    hard_negative_steps=args.hard_negative_steps,
                                    hard_negative_cycles=args.hard_negative_cycles, average_cycles=args.average_cycles,
@@ -132,9 +139,37 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
     aligned_overlap = args.aligned_overlap or (base.card.aligned_lesion_overlap if base else None)
     mask_threshold = args.mask_threshold or (base.card.mask_threshold if base else None)
     encoder_precision = base.card.encoder_precision if base else args.encoder_precision or "fp32"
+    request = TrainRequest(out=out, cache=data / "cache", version=version, config=train_config, resume=args.resume,
+                           min_lesion_slices=min_lesion_slices, aligned_lesion_overlap=aligned_overlap,
+                           mask_threshold=mask_threshold, mirror=args.mirror, progress=not args.quiet,
+                           start_from=base.path if base else None,
+                           architecture=architecture, encoder_precision=encoder_precision,
+                           device=config.jobs.device, command=card_command(args.command_line))
+    try:
+        items, described = labelled_series(config, args, data)
+        card = run_training(items, dataclasses.replace(request, description=described))
+    except (TrainingDataError, CacheWriteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError:
+        raise  # the CLI says which database, in one line
+    except Exception as exc:  # noqa: BLE001 - the command's boundary: the nightly job logs only its "error:" lines
+        logger.exception("training stopped")
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
+        print(f"error: training stopped: {type(exc).__name__}: {reason}", file=sys.stderr)
+        return 1
+    print(f"model {version} written to {out}" + registered(config, out, version, args.no_register)
+          + skipped_note(card.metrics))  # the first line: what the nightly job logs
+    _print_metrics(card.metrics)
+    return 0
+
+
+def labelled_series(config: NodeConfig, args: argparse.Namespace, data: Path) -> tuple[list[LabeledSeries], str]:
+    """(the series to train and evaluate on, the card's words for where they came from)."""
+    from training.sources import SyntheticSpec, from_folder, synthetic
+
     items, described = [], []
-    use_synthetic = args.synthetic or not (args.folder or args.from_store)
-    if use_synthetic:
+    if args.synthetic or not (args.folder or args.from_store):
         spec = SyntheticSpec(args.mr_subjects, args.ct_subjects, args.seed)
         items += synthetic(data / "synthetic", spec)
         described.append(synthetic_description(spec))
@@ -147,21 +182,13 @@ def train_command(config: NodeConfig, args: argparse.Namespace) -> int:
         described.append("the node's store" + (f" since {args.since}" if args.since else ""))
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
-    request = TrainRequest(out=out, cache=data / "cache", version=version, config=train_config, resume=args.resume,
-                           min_lesion_slices=min_lesion_slices, aligned_lesion_overlap=aligned_overlap,
-                           mask_threshold=mask_threshold, mirror=args.mirror, progress=not args.quiet,
-                           start_from=base.path if base else None,
-                           architecture=architecture, encoder_precision=encoder_precision,
-                           device=config.jobs.device, description="; ".join(described),
-                           command=card_command(args.command_line))
-    try:
-        card = run_training(items, request)
-    except (TrainingDataError, CacheWriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"model {version} written to {out}" + registered(config, out, version, args.no_register))
-    _print_metrics(card.metrics)
-    return 0
+    return items, "; ".join(described)
+
+
+def skipped_note(metrics: dict) -> str:
+    """"; 2 series skipped ...", where series could not be placed in training or evaluation (else "")."""
+    skipped = metrics.get("training", {}).get("skipped_series", []) + metrics.get("all", {}).get("skipped_series", [])
+    return f"; {len(skipped)} series skipped: they cannot be placed (the warnings name them, the card says why)" if skipped else ""
 
 
 def stored_series(config: NodeConfig, modality: str | None, label: str | None, since: date | None) -> list[LabeledSeries]:

@@ -4,6 +4,9 @@ Any writer's SEG (highdicom, dcmqi, a viewer's corrected SEG sent back to the no
 (a fractional value of at least half the maximum counts as inside). Each frame lands on a slice by the
 source instance (and frame) it references; a frame that references only the frame of reference lands by
 its Image Position (Patient), which must fall on a slice plane and on the slice's own pixel grid.
+
+Only a segment whose category is an abnormality is a finding: annotation tools (3D Slicer, dcmqi) export the
+organ a lesion was drawn in beside it, as Tissue or Anatomical Structure.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
 from inference.frames import SlicingError
 from inference.slicing import SliceRef, Volume
 
 IN_PLANE_TOLERANCE_MM = 0.5
+# Of CID 7150's segmentation property categories only this one is a finding; tissue, anatomical structure,
+# physical object, substance, body substance, function and spatial concept are not. SRT M-01000 compares equal.
+FINDING_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,27 @@ class Segment:
     property_type: str  # the code meaning of SegmentedPropertyTypeCodeSequence, e.g. "Liver"
     mask: np.ndarray
     tracking_uid: str = ""  # TrackingUID: set where the segment is one tracked finding (one lesion), as TID 1500 uses it
+    category: Code | None = None  # SegmentedPropertyCategoryCodeSequence, e.g. SCT 49755003; None where absent
+
+    @property
+    def is_finding(self) -> bool:
+        return is_finding_category(self.category)
+
+
+def segment_category(item: Dataset) -> Code | None:
+    """The SegmentedPropertyCategoryCodeSequence of one SegmentSequence item, None where it has none."""
+    sequence = item.get("SegmentedPropertyCategoryCodeSequence")
+    if not sequence:
+        return None
+    code = sequence[0]
+    value = code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue") or ""
+    return Code(str(value), str(code.get("CodingSchemeDesignator", "")), str(code.get("CodeMeaning", "")))
+
+
+def is_finding_category(category: Code | None) -> bool:
+    """Whether a segment of this category is a finding. A segment without one (a Type 1 attribute some writers
+    still omit) counts as a finding, as every segment did before categories were read: its SEG is not dropped."""
+    return category is None or category == FINDING_CATEGORY
 
 
 def read_segmentation(source: Path | Dataset, volume: Volume) -> list[Segment]:
@@ -48,19 +77,21 @@ def read_segmentation(source: Path | Dataset, volume: Volume) -> list[Segment]:
     segments = {int(item.SegmentNumber): item for item in ds.SegmentSequence}
     masks = {number: np.zeros(volume.voxels.shape, dtype=bool) for number in segments}
     same_frame = str(ds.get("FrameOfReferenceUID", "")) == volume.frame_of_reference_uid
+    unheld = _series_instances(ds, volume.series_instance_uid) - {ref.sop_instance_uid for ref in volume.sources}
     for index, per_frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
         number = int(_group(per_frame, shared, "SegmentIdentificationSequence").ReferencedSegmentNumber)
         if number not in masks:
             raise SlicingError(f"SEG frame {index + 1} refers to segment {number}, which the SEG does not describe")
         k = _slice_by_reference(per_frame, shared, by_source, by_instance)
         if k is None:
+            _refuse_unheld(per_frame, shared, unheld, volume, index)
             if not same_frame:
                 raise SlicingError("SEG frame references no instance of this series and another frame of reference")
             k = _slice_by_position(per_frame, shared, volume)
         masks[number][k] |= frames[index]
     return [
         Segment(number, str(item.get("SegmentLabel", f"Segment {number}")), _type_meaning(item), masks[number],
-                str(item.get("TrackingUID", "")))
+                str(item.get("TrackingUID", "")), segment_category(item))
         for number, item in sorted(segments.items())
     ]
 
@@ -94,6 +125,31 @@ def _slice_by_reference(per_frame: Dataset, shared: Dataset, by_source: dict[Sli
                 if k is not None:
                     return k
     return None
+
+
+def _series_instances(ds: Dataset, series_uid: str) -> set[str]:
+    """The instances of ``series_uid`` that the SEG says it was drawn on (its Referenced Series Sequence)."""
+    return {str(instance.ReferencedSOPInstanceUID) for series in ds.get("ReferencedSeriesSequence", [])
+            if str(series.get("SeriesInstanceUID", "")) == series_uid
+            for instance in series.get("ReferencedInstanceSequence", [])}
+
+
+def _refuse_unheld(per_frame: Dataset, shared: Dataset, unheld: set[str], volume: Volume, index: int) -> None:
+    """A frame drawn on an instance of this series that the volume dropped (a duplicate position, a localiser) must
+    not land by position: the slice kept there holds other pixels."""
+    for groups in (per_frame, shared):
+        for derivation in groups.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                uid = str(source.ReferencedSOPInstanceUID)
+                if uid in unheld:
+                    raise SlicingError(f"SEG frame {index + 1} was drawn on instance {uid} of this series, which the "
+                                       f"volume does not hold ({_dropped_role(volume)}): not moved to another slice")
+
+
+def _dropped_role(volume: Volume) -> str:
+    roles = [role for role, count in (("a slice at a duplicate position", volume.issues.duplicate_positions),
+                                      ("a localiser", volume.issues.localizers_dropped)) if count]
+    return f"dropped as {' or '.join(roles)}" if roles else "not among the files read"
 
 
 def _slice_by_position(per_frame: Dataset, shared: Dataset, volume: Volume) -> int:

@@ -41,18 +41,21 @@ class SliceSample:
 
 
 def finding_label(segment_label: str) -> str:
-    """"Liver tumor 2" -> "Liver tumor": the finding a segment shows, as the model says it (the node numbers
-    the segments of its own SEGs; annotation tools often do too)."""
-    return re.sub(r"[\s_-]*\d+$", "", segment_label.strip()) or segment_label.strip()
+    """"liver  tumor 2" -> "Liver tumor": the finding a segment shows, as the model says it (the node numbers
+    the segments of its own SEGs; annotation tools often do too). Case and spacing are folded, first letter
+    upper as in the node's own labels: spelled apart, one finding would train as two, half a lesion each."""
+    words = re.sub(r"[\s_-]*\d+$", "", segment_label.strip()).split() or segment_label.split()
+    return " ".join(words).capitalize()
 
 
 def series_samples(series: list[Path], segmentation: Path, size: int = 256,
                    normalization: Normalization = Normalization()) -> list[SliceSample]:
-    """Every slice of the series with the SEG's segments on it (slices without any: "No findings.")."""
+    """Every slice of the series with the SEG's findings on it (slices without any: "No findings."; an organ
+    segmented beside them is not a finding, see :attr:`inference.ground_truth.Segment.is_finding`)."""
     volume = load_series(series)
     model_input = prepare(volume, size=size, normalization=normalization)
     by_label: dict[str, np.ndarray] = {}  # one [SEG] per finding: a SEG with a segment per lesion is merged by label
-    for segment in read_segmentation(segmentation, volume):
+    for segment in (s for s in read_segmentation(segmentation, volume) if s.is_finding):
         label = finding_label(segment.label)
         by_label[label] = by_label[label] | segment.mask if label in by_label else segment.mask
     samples = []

@@ -19,20 +19,26 @@ from the cache); an observer records every slice's answer. Against the ground-tr
 - reliability calibration: on slices with a predicted finding, the error rate per reliability level; and on
   what the SR reports, per reliability level of the 3D lesions, the fraction that are false positives
   (``lesion_reliability_calibration``; a lesion's level follows from its slices' by the card's lesion rule).
+
+A series that cannot be placed (its series in several stacks, its SEG on a slice the series lacks) is skipped
+with a warning naming its series UID; ``all`` lists each under ``skipped_series`` (modality and reason).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
 from inference.engine import EngineConfig, interpret_volume
 from inference.findings import Lesion, mask_volume_ml
+from inference.frames import SlicingError
 from inference.ground_truth import read_segmentation
 from inference.model.protocol import NO_FINDINGS, Interpretation, normalize_finding
 from inference.preprocess import SliceTransform
@@ -43,6 +49,10 @@ from training.sources import LabeledSeries
 from training.text_metrics import bleu1, meteor, rouge_l
 
 logger = logging.getLogger(__name__)
+
+# What a labelled series that cannot be read or placed raises (its SEG is read by pydicom: missing, damaged)
+UNPLACEABLE = (SlicingError, InvalidDicomError, OSError)
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
 
 
 @dataclass
@@ -118,7 +128,7 @@ def read_truth(item: LabeledSeries, volume: Volume, min_volume_ml: float) -> Gro
     untracked: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(volume.voxels.shape, bool))
     labels: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(volume.voxels.shape, bool))
     for segment in read_segmentation(item.segmentation, volume):
-        if not segment.mask.any():
+        if not segment.is_finding or not segment.mask.any():  # an organ drawn beside the lesions is no lesion
             continue
         labels[finding_label(segment.label)] |= segment.mask
         if segment.tracking_uid:
@@ -176,10 +186,34 @@ def body_part(item: LabeledSeries) -> str:
     return str(dcmread(item.series[0], stop_before_pixels=True).get("BodyPartExamined", ""))
 
 
-def evaluate_series(item: LabeledSeries, model) -> SeriesRecord:  # type: ignore[no-untyped-def]
+def place(item: LabeledSeries, min_volume_ml: float | None = None) -> tuple[Volume, GroundTruth]:
+    """The series' volume and its SEG's truth on it; raises one of UNPLACEABLE where either cannot be had."""
     volume = load_series(item.series)
+    return volume, read_truth(item, volume, EngineConfig().min_volume_ml if min_volume_ml is None else min_volume_ml)
+
+
+def series_uid(item: LabeledSeries) -> str:
+    """The Series Instance UID of ``item``: how a log names a hospital's series (its subject is a Patient ID)."""
+    try:
+        return str(dcmread(item.series[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+    except (InvalidDicomError, OSError, AttributeError, IndexError):
+        return "(first file unreadable)"
+
+
+def skipped_series(item: LabeledSeries, exc: Exception, during: str) -> dict[str, str]:
+    """Warn that ``item`` is skipped, naming its series UID and why; return the card's record of it: modality
+    and reason without UIDs or folders (a card travels with its model; exports are foldered by patient)."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for folder in sorted({str(p.parent) for p in [*item.series, item.segmentation]}, key=len, reverse=True):
+        reason = reason.replace(folder, "...")
+    logger.warning("%s: series %s (%s) cannot be placed, skipped: %s", during, series_uid(item), item.modality, reason)
+    return {"modality": item.modality, "reason": _UID.sub("<UID>", reason)}
+
+
+def evaluate_series(item: LabeledSeries, model, placed: tuple[Volume, GroundTruth] | None = None) -> SeriesRecord:  # type: ignore[no-untyped-def]
+    """``placed``: the item's volume and truth where the caller has them (``place``)."""
     config = EngineConfig()
-    truth = read_truth(item, volume, config.min_volume_ml)
+    volume, truth = placed or place(item, config.min_volume_ml)
     seen: dict[int, tuple[Interpretation, SliceTransform]] = {}
     result = interpret_volume(volume, model, config, body_part(item),
                               observe=lambda k, interpretation, transform: seen.__setitem__(k, (interpretation, transform)))
@@ -269,15 +303,20 @@ def summarize(records: list[SeriesRecord]) -> dict:
 
 
 def evaluate(items: list[LabeledSeries], model) -> dict:  # type: ignore[no-untyped-def]
-    """Metrics per modality and over all held-out series."""
-    records = []
+    """Metrics per modality and over all held-out series; ``all`` also lists the series skipped."""
+    records, skipped = [], []
     for n, item in enumerate(items, start=1):
-        records.append(evaluate_series(item, model))
+        try:
+            placed = place(item)
+        except UNPLACEABLE as exc:  # one incomplete series must not cost a whole run its figures
+            skipped.append(skipped_series(item, exc, "evaluation"))
+            continue
+        records.append(evaluate_series(item, model, placed))
         logger.info("evaluated series %d/%d (%s): %d/%d lesions found, %d false positive(s)", n, len(items), item.modality,
                     records[-1].detected, records[-1].true_lesions, records[-1].false_positives)
         logger.debug("series %d/%d is subject %s", n, len(items), item.subject)  # a Patient ID: never at INFO
     metrics = {modality: summarize([r for r in records if r.modality == modality]) for modality in sorted({r.modality for r in records})}
-    metrics["all"] = summarize(records)
+    metrics["all"] = summarize(records) | {"skipped_series": skipped}
     return metrics
 
 

@@ -1,6 +1,6 @@
-"""One training run: gather labelled series, split by subject, build samples through the inference
-pipeline, cache the encoder's outputs, train, save, evaluate the saved model on the held-out subjects, and
-write the figures into its model card."""
+"""One training run: gather labelled series, skip those that cannot be placed, split by subject, build samples
+through the inference pipeline, cache the encoder's outputs, train, save, evaluate the saved model on the
+held-out subjects, and write the figures into its model card."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from storage.files import write_text_durably
 from training.cache import CachedEncoderModel, EmbeddingCache, StoredEmbeddings
 from training.dataset import SliceSample, series_samples
 from training.detail_stacks import DetailStacks
-from training.evaluate import evaluate
+from training.evaluate import UNPLACEABLE, evaluate, place, skipped_series
 from training.sources import LabeledSeries, split_by_subject
 from training.trainer import TrainConfig, Trainer, TrainingSet
 
@@ -78,6 +78,26 @@ def check_labels(items: list[LabeledSeries]) -> list[str]:
         raise TrainingDataError(f"segment labels use words the model cannot say: {', '.join(unknown)} "
                                 f"(rename the segments, e.g. to 'Liver tumor', 'Brain tumor', 'Lung nodule')")
     return labels
+
+
+def placeable(items: list[LabeledSeries]) -> tuple[list[LabeledSeries], list[dict[str, str]]]:
+    """(the items whose series is one stack with its SEG on it, the card's record of the others): a hospital's
+    store holds incomplete series and SEGs drawn elsewhere; each is skipped with a warning, not the whole run.
+    Checked before the split, so that the card's findings, modalities and held-out subjects are those of the
+    series that trained and evaluated. Reads each series once more: seconds, against hours of training."""
+    usable, skipped = [], []
+    for item in items:
+        try:
+            place(item)
+        except UNPLACEABLE as exc:
+            skipped.append(skipped_series(item, exc, "training data"))
+        else:
+            usable.append(item)
+    if skipped and not usable:
+        more = f" (and {len(skipped) - 1} more; the warnings name each series)" if len(skipped) > 1 else ""
+        raise TrainingDataError(f"none of the {len(skipped)} labelled series can be placed on its slices: "
+                                f"{skipped[0]['reason']}{more}")
+    return usable, skipped
 
 
 def build_training_set(items: list[LabeledSeries], cache: EmbeddingCache, negatives: int | None, seed: int,
@@ -142,6 +162,7 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
     if not items:
         raise TrainingDataError("no labelled series found")
     started = time.time()
+    items, skipped = placeable(items)
     labels = check_labels(items)
     train_items, eval_items = split_by_subject(items, request.held_out, request.config.seed)
     if not train_items:
@@ -172,6 +193,7 @@ def run_training(items: list[LabeledSeries], request: TrainRequest) -> ModelCard
     metrics["training"] = {
         "series": len(train_items), "subjects": len({i.subject for i in train_items}), "slices": len(data.samples),
         "held_out_series": len(eval_items), "held_out_subjects": len({i.subject for i in eval_items}),
+        "skipped_series": skipped,
         "steps": request.config.steps, "hard_negative_steps": request.config.hard_negative_steps,
         "hard_negative_cycles": request.config.hard_negative_cycles, "average_cycles": request.config.average_cycles,
         "lesion_weight": request.config.lesion_weight, "learning_rate": request.config.learning_rate,

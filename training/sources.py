@@ -19,8 +19,10 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from inference.ground_truth import is_finding_category, segment_category
 from storage.models import Instance, Patient, Series, Study
 from training.anatomy import HEADS
+from training.dataset import finding_label
 from training.dicom_io import SeriesHeader, write_ground_truth, write_series
 from training.synthesis import SyntheticStudy, brain_tumor_study, ct_study
 
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 NODE_MANUFACTURER = "dicom-node"  # the node's own AI SEGs: not ground truth, even when a PACS sends them back
+_Latest = tuple[tuple[str, float, int], Path, tuple[str, ...]]  # a series' SEG: (its order, path, finding labels)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class LabeledSeries:
 def from_folder(folder: Path, modality: str | None = None, label: str | None = None) -> list[LabeledSeries]:
     """Every series under ``folder`` that a SEG in the folder refers to (the latest SEG per series)."""
     series_files: dict[str, list[Path]] = {}
-    segs: dict[str, tuple[tuple[str, float, int], Path, tuple[str, ...]]] = {}  # referenced series -> (order, path, labels)
+    segs: dict[str, _Latest] = {}
     info: dict[str, tuple[str, str]] = {}  # series -> (patient id, modality)
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".partial"):
         try:
@@ -53,12 +56,7 @@ def from_folder(folder: Path, modality: str | None = None, label: str | None = N
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
         if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
-            ground_truth = _ground_truth(ds)
-            if ground_truth is not None:
-                referenced, labels = ground_truth
-                stamp = _seg_order(ds)
-                if referenced not in segs or stamp >= segs[referenced][0]:
-                    segs[referenced] = (stamp, path, labels)
+            _keep_latest(segs, ds, path)
             continue
         uid = str(ds.get("SeriesInstanceUID", ""))
         series_files.setdefault(uid, []).append(path)
@@ -73,6 +71,17 @@ def from_folder(folder: Path, modality: str | None = None, label: str | None = N
         subject, series_modality = info[uid]
         found.append(LabeledSeries(subject or uid, series_modality, series_files[uid], seg, labels))
     return _filtered(found, modality, label)
+
+
+def _keep_latest(latest: dict[str, _Latest], ds: Dataset, path: Path) -> None:
+    """Keep the SEG ``ds`` for its series when it may serve as ground truth and is no older than the one kept.
+    SEGs come in path order, so a tie goes to the greater path, from a folder and from the store alike."""
+    ground_truth = _ground_truth(ds)
+    if ground_truth is not None:
+        referenced, labels = ground_truth
+        stamp = _seg_order(ds)
+        if referenced not in latest or stamp >= latest[referenced][0]:
+            latest[referenced] = (stamp, path, labels)
 
 
 def _seg_order(ds: Dataset) -> tuple[str, float, int]:
@@ -91,7 +100,9 @@ def _seg_order(ds: Dataset) -> tuple[str, float, int]:
 
 
 def _ground_truth(ds) -> tuple[str, tuple[str, ...]] | None:  # type: ignore[no-untyped-def]
-    """(referenced series UID, segment labels) of a SEG that may serve as ground truth, else None."""
+    """(referenced series UID, finding labels) of a SEG that may serve as ground truth, else None. A SEG with no
+    finding segment (organs only) says nothing of lesions: neither ground truth of findings nor of a clear
+    series, so it is skipped (a clear series' SEG has its finding segments empty)."""
     segments = ds.get("SegmentSequence", [])
     automatic = all(str(s.get("SegmentAlgorithmType", "")) == "AUTOMATIC" for s in segments)
     if str(ds.get("Manufacturer", "")) == NODE_MANUFACTURER and automatic:
@@ -99,8 +110,15 @@ def _ground_truth(ds) -> tuple[str, tuple[str, ...]] | None:  # type: ignore[no-
     referenced = ds.get("ReferencedSeriesSequence")
     if not referenced:
         return None
-    labels = tuple(dict.fromkeys(str(s.SegmentLabel) for s in segments))  # a SEG with a segment per lesion names each once
-    return str(referenced[0].SeriesInstanceUID), labels
+    series_uid = str(referenced[0].SeriesInstanceUID)
+    findings = [s for s in segments if is_finding_category(segment_category(s))]
+    if not findings:
+        logger.info("SEG %s of series %s segments no finding (only anatomy or other categories); not ground truth, "
+                    "skipped", ds.get("SOPInstanceUID", ""), series_uid)
+        return None
+    # a SEG with a segment per lesion names each finding once
+    labels = tuple(dict.fromkeys(finding_label(str(s.get("SegmentLabel", ""))) for s in findings))
+    return series_uid, labels
 
 
 def _filtered(found: list[LabeledSeries], modality: str | None, label: str | None) -> list[LabeledSeries]:
@@ -117,25 +135,24 @@ def _filtered(found: list[LabeledSeries], modality: str | None, label: str | Non
 def from_store(session: Session, storage: Path, modality: str | None = None, label: str | None = None,
                since: date | None = None) -> list[LabeledSeries]:
     """Series in the node's store with a ground-truth SEG (a radiologist's, sent to the node), latest SEG each."""
-    rows = session.execute(
-        select(Instance.path, Instance.received_at).join(Series).join(Study)
+    # Paths sorted here, not by ORDER BY: SQLite and PostgreSQL collate text apart, and a folder sorts alike.
+    # The latest SEG is the folder's rule (Content Date/Time, Instance Number), not arrival: a PACS resends late.
+    seg_paths = session.scalars(
+        select(Instance.path).join(Series).join(Study)
         .where(Series.modality == "SEG", Instance.sop_class_uid == SEG_SOP_CLASS)
         .where(*([Study.study_date >= since.strftime("%Y%m%d")] if since else []))
-        .order_by(Instance.received_at)
     ).all()
-    latest: dict[str, tuple[Path, tuple[str, ...]]] = {}
-    for path, _ in rows:
-        ds = dcmread(storage / path, stop_before_pixels=True)
-        ground_truth = _ground_truth(ds)
-        if ground_truth is not None:
-            latest[ground_truth[0]] = (storage / path, ground_truth[1])
+    latest: dict[str, _Latest] = {}
+    for path in sorted(seg_paths):
+        _keep_latest(latest, dcmread(storage / path, stop_before_pixels=True), storage / path)
     found = []
-    for uid, (seg, labels) in latest.items():
+    for uid, (_, seg, labels) in latest.items():
         series = session.scalar(select(Series).where(Series.series_instance_uid == uid))
         if series is None:
             logger.warning("a SEG refers to series %s, which the node does not hold; skipped", uid)
             continue
-        paths = [storage / p for p in session.scalars(select(Instance.path).where(Instance.series_fk == series.id))]
+        # a fixed order: which of two slices at one position the volume keeps must not follow the database's
+        paths = [storage / p for p in sorted(session.scalars(select(Instance.path).where(Instance.series_fk == series.id)))]
         patient = session.scalar(select(Patient.patient_id).join(Study).where(Study.id == series.study_fk))
         found.append(LabeledSeries(patient or uid, series.modality, paths, seg, labels))
     return _filtered(found, modality, label)
