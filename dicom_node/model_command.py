@@ -135,6 +135,13 @@ def registered(config: NodeConfig, out: Path, version: str, no_register: bool) -
     return f" and registered (not active: dicom-node model activate {version})"
 
 
+def skipped_note(metrics: dict) -> str:
+    """"; 2 series skipped ...", where series could not be placed in training or evaluation (else ""): `train`
+    and `model list` say so, so that an admin sees it before activating the version."""
+    skipped = metrics.get("training", {}).get("skipped_series", []) + metrics.get("all", {}).get("skipped_series", [])
+    return f"; {len(skipped)} series skipped: they cannot be placed (the warnings name them, the card says why)" if skipped else ""
+
+
 def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
     from dicom_node.model_registry import list_models, shipped_entry
     from storage.database import missing_database
@@ -153,7 +160,8 @@ def list_command(config: NodeConfig, _args: argparse.Namespace) -> int:
         shown = "; ".join(f"{m}: sensitivity {v.get('lesion_sensitivity')}, FP/volume {v.get('false_positives_per_volume')}, "
                           f"Dice {v.get('mean_dice_detected_lesions')}" for m, v in figures.items() if v)
         kind = f", an ensemble of {len(entry.card.members) + 1} runs" if entry.card.members else ""
-        print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}{kind}) {shown}")
+        print(f"{mark} {entry.version:24} {entry.card.name} {entry.card.version} ({', '.join(entry.card.modalities)}{kind}) "
+              f"{shown}{skipped_note(entry.card.metrics)}")
         print(f"  {'':24} {entry.path}")
     print("* = active (used by routes with model = \"active\")")
     return 0

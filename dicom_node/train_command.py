@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node.cli_types import (aligned_overlap_argument, count_argument, lesion_slices_argument,
                                   mask_threshold_argument, presence_argument, version_argument)
 from dicom_node.config import NodeConfig
-from dicom_node.model_command import check_new_version, registered, starting_checkpoint
+from dicom_node.model_command import check_new_version, registered, skipped_note, starting_checkpoint
 
 if TYPE_CHECKING:
     from inference.model.card import ModelCard
@@ -183,12 +183,6 @@ def labelled_series(config: NodeConfig, args: argparse.Namespace, data: Path) ->
     if args.modality:
         items = [i for i in items if i.modality.upper() == args.modality.upper()]
     return items, "; ".join(described)
-
-
-def skipped_note(metrics: dict) -> str:
-    """"; 2 series skipped ...", where series could not be placed in training or evaluation (else "")."""
-    skipped = metrics.get("training", {}).get("skipped_series", []) + metrics.get("all", {}).get("skipped_series", [])
-    return f"; {len(skipped)} series skipped: they cannot be placed (the warnings name them, the card says why)" if skipped else ""
 
 
 def stored_series(config: NodeConfig, modality: str | None, label: str | None, since: date | None) -> list[LabeledSeries]:

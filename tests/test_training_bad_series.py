@@ -63,6 +63,8 @@ def test_a_series_that_cannot_be_placed_is_skipped_and_the_card_says_so(tmp_path
     assert series_uid(bad) not in json.dumps(card) and "PID-05" not in json.dumps(card)
     first_line = capsys.readouterr().out.splitlines()[0]  # what the nightly job logs
     assert "registered (not active" in first_line and "1 series skipped" in first_line
+    assert main(["model", "list", "--config", str(node_config(tmp_path))]) == 0
+    assert "v-skip" in (listing := capsys.readouterr().out) and "1 series skipped" in listing  # what an admin activates
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(series_uid(bad) in m and SEG_FRAME in m for m in warnings)
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and "PID-05" in r.getMessage()]
